@@ -1,0 +1,1 @@
+"""Data pipeline: split loading, RDKit featurisation, tokenisation and batching."""

@@ -1,0 +1,1 @@
+"""Flax Linen models: BERT text tower, GIN/GCN molecule towers, projector, retrieval model."""
