@@ -123,7 +123,7 @@ def load_manifest(data_dir: Path = DATA_DIR) -> dict:
     return json.loads(path.read_text())["files"]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _verified(path: Path, size: int, mtime_ns: int, sha256: str, rows: int) -> None:
     actual = _sha256(path)
     if actual != sha256:

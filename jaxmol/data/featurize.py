@@ -491,7 +491,10 @@ def _featurize_all(ids, smiles, featurizer, vocab) -> FeaturizedSplit:
         receiver_blocks.append(receivers)
         n_node[row], n_edge[row] = atoms.shape[0], senders.shape[0]
     width = len(ATOM_VOCAB) if featurizer == "ogb" else 1
-    concat = lambda blocks, shape: np.concatenate(blocks) if blocks else np.zeros(shape, np.int32)
+
+    def concat(blocks, shape):
+        return np.concatenate(blocks) if blocks else np.zeros(shape, np.int32)
+
     return FeaturizedSplit(
         featurizer=featurizer,
         atom_features=concat(atom_blocks, (0, width)),

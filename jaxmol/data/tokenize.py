@@ -99,12 +99,14 @@ class TokenizedTexts:
       offsets: int64 [M + 1]; text i is token_ids[offsets[i]:offsets[i + 1]].
       num_truncated: how many texts were longer than `max_length` and were cut.
       max_length: the truncation length used.
+      pad_id: the tokenizer's padding id, used by the batcher.
     """
 
     token_ids: np.ndarray
     offsets: np.ndarray
     num_truncated: int
     max_length: int
+    pad_id: int = 0
 
     def __len__(self) -> int:
         return int(self.offsets.shape[0] - 1)
@@ -147,4 +149,4 @@ def tokenize_texts(
             len(texts),
             tokenizer.max_length,
         )
-    return TokenizedTexts(token_ids, offsets, num_truncated, tokenizer.max_length)
+    return TokenizedTexts(token_ids, offsets, num_truncated, tokenizer.max_length, tokenizer.pad_id)

@@ -1,0 +1,388 @@
+"""Pair batches with static shapes: exact-B batches, text buckets, graph budgets, device chunks.
+
+Every batch holds exactly B (text, molecule) pairs. The last batch of an epoch is filled up with
+masked pairs (``pair_mask`` False), never dropped. Texts are padded to the smallest length bucket
+that fits the batch; graphs to the smallest node/edge budget level that fits; so a jit-compiled
+step sees one shape per (text bucket, graph level) pair and never recompiles inside an epoch once
+each shape has been seen.
+
+For D devices the global batch is split into D self-contained chunks of b = B / D pairs, stacked
+on a leading axis. Each chunk is a jraph-style padded graph batch with local node indices:
+graphs 0..b-1 are the chunk's molecules (zero nodes for a masked pair) and graph b is the padding
+graph that owns the remaining nodes and edges, exactly the layout of `jraph.pad_with_graphs`.
+
+Batch layout (numpy, host side)::
+
+  text_ids   int32 [D, b, L]       token ids, pad id beyond each text
+  text_mask  int32 [D, b, L]       1 = real token; an all-zero row is a masked pair
+  graphs     jraph.GraphsTuple     nodes int32 [D, N, F], edges int32 [D, E, 3],
+                                   senders/receivers int32 [D, E], n_node/n_edge int32 [D, b+1]
+  pair_mask  bool  [D, b]          True = real pair
+  rows       int32 [D, b]          row of the pair in the `EncodedSplit` (-1 = masked pair)
+
+The order of an epoch is a pure function of (seed, epoch), and the position in the stream is an
+(epoch, step) pair, so a run can stop anywhere and continue with the same batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+
+import jraph
+import numpy as np
+
+from jaxmol.data.datasets import PairDataset
+from jaxmol.data.featurize import FeaturizedSplit, featurize_split
+from jaxmol.data.tokenize import TokenizedTexts, Tokenizer, tokenize_texts
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TEXT_BUCKETS = (32, 64, 128, 256)
+# Graph budgets grow by this factor per level; the top level always fits the b largest molecules.
+_BUDGET_GROWTH = 2
+_BUDGET_MULTIPLE = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodedSplit:
+    """A split ready for batching: tokenised texts and featurised graphs, aligned by row.
+
+    Attributes:
+      dataset: the `PairDataset` it came from (M rows).
+      tokens: the M tokenised texts.
+      graphs: the M featurised molecules (invalid ones have ``valid`` False).
+      rows: int64 [M'], the rows that can be batched (molecule featurised); M' <= M.
+    """
+
+    dataset: PairDataset
+    tokens: TokenizedTexts
+    graphs: FeaturizedSplit
+    rows: np.ndarray
+
+    @property
+    def skipped(self) -> tuple[tuple[str, str, str], ...]:
+        """(id, SMILES, reason) of every pair left out because its molecule failed."""
+        return self.graphs.failures
+
+
+def encode_split(
+    dataset: PairDataset,
+    tokenizer: Tokenizer,
+    *,
+    featurizer: str = "ogb",
+    on_invalid: str = "error",
+    cache_dir=None,
+) -> EncodedSplit:
+    """Tokenises and featurises a split (features cached on disk, see `featurize_split`)."""
+    if dataset.texts is None:
+        raise ValueError(f"{dataset.name} has no texts; it cannot be batched as pairs")
+    tokens = tokenize_texts(tokenizer, dataset.texts, ids=dataset.ids)
+    graphs = featurize_split(
+        dataset.ids,
+        dataset.smiles,
+        featurizer=featurizer,
+        on_invalid=on_invalid,
+        cache_dir=cache_dir,
+    )
+    return EncodedSplit(dataset, tokens, graphs, np.flatnonzero(graphs.valid))
+
+
+@dataclasses.dataclass(frozen=True)
+class Position:
+    """Where a batch stream stands: the next batch is batch `step` of epoch `epoch`."""
+
+    epoch: int = 0
+    step: int = 0
+
+    def to_dict(self) -> dict:
+        return {"epoch": int(self.epoch), "step": int(self.step)}
+
+    @classmethod
+    def from_dict(cls, value: dict) -> Position:
+        return cls(epoch=int(value["epoch"]), step=int(value["step"]))
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphBudgets:
+    """Static per-chunk graph sizes, smallest first; a chunk uses the first level that fits.
+
+    Attributes:
+      nodes: node budget per level (real nodes + at least one padding node).
+      edges: edge budget per level.
+    """
+
+    nodes: tuple[int, ...]
+    edges: tuple[int, ...]
+
+    def level_for(self, num_nodes: int, num_edges: int) -> int:
+        for level, (n, e) in enumerate(zip(self.nodes, self.edges, strict=True)):
+            if num_nodes + 1 <= n and num_edges <= e:
+                return level
+        raise ValueError(
+            f"a device chunk with {num_nodes} atoms and {num_edges} directed bonds exceeds the "
+            f"largest graph budget ({self.nodes[-1]} nodes, {self.edges[-1]} edges); "
+            "rebuild the budgets from data that includes these molecules"
+        )
+
+
+def _round_up(value: float, multiple: int = _BUDGET_MULTIPLE) -> int:
+    return int(math.ceil(max(value, 1) / multiple) * multiple)
+
+
+def graph_budgets_for(n_node: np.ndarray, n_edge: np.ndarray, pairs_per_chunk: int) -> GraphBudgets:
+    """Derives budget levels from the molecule sizes of a split.
+
+    The base level covers a typical chunk (mean + 3 standard deviations of the sum of
+    `pairs_per_chunk` random molecules); each further level doubles it; the last level fits the
+    `pairs_per_chunk` largest molecules together, so no chunk of this split can overflow.
+
+    Args:
+      n_node: [M] atoms per molecule (valid molecules only).
+      n_edge: [M] directed edges per molecule.
+      pairs_per_chunk: b, the pairs per device chunk.
+    """
+    n_node = np.asarray(n_node, np.float64)
+    n_edge = np.asarray(n_edge, np.float64)
+    b = pairs_per_chunk
+    base_nodes = _round_up(b * n_node.mean() + 3 * math.sqrt(b) * n_node.std() + 1)
+    base_edges = _round_up(b * n_edge.mean() + 3 * math.sqrt(b) * n_edge.std())
+    cap_nodes = _round_up(np.sort(n_node)[-b:].sum() + 1)
+    cap_edges = _round_up(np.sort(n_edge)[-b:].sum())
+    nodes, edges = [min(base_nodes, cap_nodes)], [min(base_edges, cap_edges)]
+    while nodes[-1] < cap_nodes or edges[-1] < cap_edges:
+        nodes.append(min(nodes[-1] * _BUDGET_GROWTH, cap_nodes))
+        edges.append(min(edges[-1] * _BUDGET_GROWTH, cap_edges))
+    return GraphBudgets(tuple(nodes), tuple(edges))
+
+
+def text_bucket(length: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket >= length."""
+    for bucket in buckets:
+        if length <= bucket:
+            return bucket
+    raise ValueError(f"text of {length} tokens exceeds the largest bucket {buckets[-1]}")
+
+
+class PairBatcher:
+    """Deterministic, resumable batches of exactly `batch_size` pairs over an `EncodedSplit`.
+
+    Args:
+      split: the encoded split.
+      batch_size: B, pairs per global batch (a multiple of `num_devices`).
+      num_devices: D, chunks per batch.
+      seed: with the epoch number, fixes the order of every epoch.
+      shuffle: False keeps the split order (evaluation).
+      group_by_length: shuffle within text-length groups (the text buckets), cut each group
+        into batches, then shuffle the batches: far less text padding than random batches.
+      text_buckets: ascending padded text lengths; the last must be >= the tokenizer max length.
+      graph_budgets: per-chunk graph budgets; default derived from the split.
+    """
+
+    def __init__(
+        self,
+        split: EncodedSplit,
+        *,
+        batch_size: int,
+        num_devices: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+        group_by_length: bool = False,
+        text_buckets: Sequence[int] = DEFAULT_TEXT_BUCKETS,
+        graph_budgets: GraphBudgets | None = None,
+    ):
+        if batch_size < 1 or num_devices < 1 or batch_size % num_devices:
+            raise ValueError(
+                f"batch_size ({batch_size}) must be a positive multiple of num_devices "
+                f"({num_devices})"
+            )
+        buckets = tuple(sorted(int(b) for b in text_buckets))
+        if buckets[-1] < split.tokens.max_length:
+            raise ValueError(
+                f"largest text bucket {buckets[-1]} < tokenizer max length "
+                f"{split.tokens.max_length}"
+            )
+        if len(split.rows) == 0:
+            raise ValueError(f"{split.dataset.name}: no pairs to batch")
+        self.split = split
+        self.batch_size = batch_size
+        self.num_devices = num_devices
+        self.pairs_per_chunk = batch_size // num_devices
+        self.seed = seed
+        self.shuffle = shuffle
+        self.group_by_length = group_by_length
+        self.text_buckets = buckets
+        self.graph_budgets = graph_budgets or graph_budgets_for(
+            split.graphs.n_node[split.rows], split.graphs.n_edge[split.rows], self.pairs_per_chunk
+        )
+        lengths = split.tokens.lengths[split.rows]
+        self._row_bucket = np.searchsorted(np.asarray(buckets), lengths)  # [M'] bucket index
+
+    @property
+    def num_batches(self) -> int:
+        """Batches per epoch (the last one may be partly masked)."""
+        return -(-len(self.split.rows) // self.batch_size)
+
+    def epoch_batches(self, epoch: int) -> list[np.ndarray]:
+        """The row groups of one epoch: full batches, then at most one partial batch last."""
+        rows = self.split.rows
+        B = self.batch_size
+        if not self.shuffle:
+            return [rows[i : i + B] for i in range(0, len(rows), B)]
+        rng = np.random.default_rng([self.seed, epoch])
+        if not self.group_by_length:
+            order = rows[rng.permutation(len(rows))]
+            return [order[i : i + B] for i in range(0, len(order), B)]
+        full, leftovers = [], []
+        for bucket in range(len(self.text_buckets)):
+            group = rows[self._row_bucket == bucket]
+            group = group[rng.permutation(len(group))]
+            cut = len(group) - len(group) % B
+            full.extend(group[i : i + B] for i in range(0, cut, B))
+            leftovers.append(group[cut:])
+        # Leftovers of neighbouring groups share batches; only the very last batch is partial.
+        rest = np.concatenate(leftovers)
+        tail = [rest[i : i + B] for i in range(0, len(rest), B)]
+        partial = [tail.pop()] if tail and len(tail[-1]) < B else []
+        full.extend(tail)
+        return [full[i] for i in rng.permutation(len(full))] + partial
+
+    def iterate(self, start: Position = Position(), num_epochs: int | None = None) -> Iterator:
+        """Yields (position_after, batch) from `start`, for `num_epochs` epochs (None: forever).
+
+        `position_after` is the position of the *next* batch: saving it with a checkpoint taken
+        after training on `batch` lets `iterate(position_after)` continue exactly.
+        """
+        epoch, step = start.epoch, start.step
+        while num_epochs is None or epoch < start.epoch + num_epochs:
+            batches = self.epoch_batches(epoch)
+            for index in range(step, len(batches)):
+                next_position = (
+                    Position(epoch, index + 1)
+                    if index + 1 < len(batches)
+                    else Position(epoch + 1, 0)
+                )
+                yield next_position, self.make_batch(batches[index])
+            epoch, step = epoch + 1, 0
+
+    def make_batch(self, rows: np.ndarray) -> dict:
+        """Builds the padded, device-chunked batch for up to B split rows (see module doc)."""
+        B, D, b = self.batch_size, self.num_devices, self.pairs_per_chunk
+        if len(rows) > B:
+            raise ValueError(f"{len(rows)} rows for a batch of {B}")
+        padded_rows = np.full(B, -1, np.int64)
+        padded_rows[: len(rows)] = rows
+        tokens, graphs = self.split.tokens, self.split.graphs
+
+        lengths = np.where(padded_rows >= 0, tokens.lengths[np.maximum(padded_rows, 0)], 0)
+        L = text_bucket(int(lengths.max()), self.text_buckets)
+        text_ids = np.full((B, L), tokens.pad_id, np.int32)
+        text_mask = np.zeros((B, L), np.int32)
+        for i, row in enumerate(padded_rows[: len(rows)]):
+            ids = tokens.text(row)
+            text_ids[i, : len(ids)] = ids
+            text_mask[i, : len(ids)] = 1
+
+        chunk_rows = padded_rows.reshape(D, b)
+        real = chunk_rows >= 0
+        n_node = np.where(real, graphs.n_node[np.maximum(chunk_rows, 0)], 0)  # [D, b]
+        n_edge = np.where(real, graphs.n_edge[np.maximum(chunk_rows, 0)], 0)  # [D, b]
+        level = max(
+            self.graph_budgets.level_for(int(n), int(e))
+            for n, e in zip(n_node.sum(1), n_edge.sum(1), strict=True)
+        )
+        N, E = self.graph_budgets.nodes[level], self.graph_budgets.edges[level]
+        width = graphs.atom_features.shape[1]
+        nodes = np.zeros((D, N, width), np.int32)
+        edges = np.zeros((D, E, graphs.bond_features.shape[1]), np.int32)
+        senders = np.zeros((D, E), np.int32)
+        receivers = np.zeros((D, E), np.int32)
+        for d in range(D):
+            node_cursor = edge_cursor = 0
+            for row in chunk_rows[d][real[d]]:
+                n0, n1 = graphs.node_offsets[row], graphs.node_offsets[row + 1]
+                e0, e1 = graphs.edge_offsets[row], graphs.edge_offsets[row + 1]
+                nodes[d, node_cursor : node_cursor + n1 - n0] = graphs.atom_features[n0:n1]
+                span = slice(edge_cursor, edge_cursor + e1 - e0)
+                edges[d, span] = graphs.bond_features[e0:e1]
+                senders[d, span] = graphs.senders[e0:e1] + node_cursor
+                receivers[d, span] = graphs.receivers[e0:e1] + node_cursor
+                node_cursor += n1 - n0
+                edge_cursor += e1 - e0
+            # jraph padding layout: padding edges connect the first padding node to itself.
+            senders[d, edge_cursor:] = node_cursor
+            receivers[d, edge_cursor:] = node_cursor
+        pad_graph_nodes = N - n_node.sum(1, keepdims=True)
+        pad_graph_edges = E - n_edge.sum(1, keepdims=True)
+        graph_batch = jraph.GraphsTuple(
+            nodes=nodes,
+            edges=edges,
+            senders=senders,
+            receivers=receivers,
+            n_node=np.concatenate([n_node, pad_graph_nodes], 1).astype(np.int32),
+            n_edge=np.concatenate([n_edge, pad_graph_edges], 1).astype(np.int32),
+            globals=None,
+        )
+        return {
+            "text_ids": text_ids.reshape(D, b, L),
+            "text_mask": text_mask.reshape(D, b, L),
+            "graphs": graph_batch,
+            "pair_mask": real,
+            "rows": chunk_rows.astype(np.int32),
+        }
+
+
+def padding_fractions(batcher: PairBatcher, epoch: int = 0) -> dict:
+    """Fraction of padded text positions and padded graph nodes over one epoch.
+
+    Computed from the batch row groups and shapes only (no arrays are built).
+    """
+    tokens, graphs = batcher.split.tokens, batcher.split.graphs
+    text_real = text_total = node_real = node_total = 0
+    for rows in batcher.epoch_batches(epoch):
+        lengths = tokens.lengths[rows]
+        text_real += int(lengths.sum())
+        text_total += batcher.batch_size * text_bucket(int(lengths.max()), batcher.text_buckets)
+        padded = np.full(batcher.batch_size, -1, np.int64)
+        padded[: len(rows)] = rows
+        chunks = padded.reshape(batcher.num_devices, batcher.pairs_per_chunk)
+        sizes = [
+            (int(graphs.n_node[c[c >= 0]].sum()), int(graphs.n_edge[c[c >= 0]].sum()))
+            for c in chunks
+        ]
+        level = max(batcher.graph_budgets.level_for(n, e) for n, e in sizes)
+        node_real += sum(n for n, _ in sizes)
+        node_total += batcher.num_devices * batcher.graph_budgets.nodes[level]
+    return {
+        "text_padding": 1 - text_real / text_total,
+        "node_padding": 1 - node_real / node_total,
+    }
+
+
+def prefetch(iterator: Iterator, size: int = 2) -> Iterator:
+    """Runs `iterator` in a background thread, `size` items ahead (host batches overlap compute)."""
+    items: queue.Queue = queue.Queue(maxsize=size)
+    done = object()
+
+    def produce():
+        try:
+            for item in iterator:
+                items.put(item)
+        except BaseException as error:  # re-raised in the consumer thread
+            items.put(_Failure(error))
+        items.put(done)
+
+    threading.Thread(target=produce, daemon=True).start()
+    while (item := items.get()) is not done:
+        if isinstance(item, _Failure):
+            raise item.error
+        yield item
+
+
+@dataclasses.dataclass
+class _Failure:
+    error: BaseException
