@@ -1,0 +1,362 @@
+"""GIN molecule tower and the shared MaskedBatchNorm layer."""
+
+import functools
+
+import jax
+import jraph
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from jaxmol.data.featurize import ATOM_FEATURE_DIMS, BOND_FEATURE_DIMS, smiles_to_graph
+from jaxmol.models.gin import GIN
+from jaxmol.models.layers import MaskedBatchNorm, node_graph_index, segment_mean_pool
+from jaxmol.models.retrieval import count_params
+
+SMILES = ("CCO", "c1ccccc1O", "CC(=O)Nc1ccc(O)cc1", "[Na+].[Cl-]", "C", "OC(=O)C=CC(=O)O")
+
+
+def padded_graphs(items, num_nodes, num_edges):
+    """jraph batch of `items` (SMILES, a MolGraph, or None for an empty pair) + padding graph."""
+    parts = []
+    for item in items:
+        if item is None:
+            parts.append(
+                jraph.GraphsTuple(
+                    nodes=np.zeros((0, 9), np.int32),
+                    edges=np.zeros((0, 3), np.int32),
+                    senders=np.zeros(0, np.int32),
+                    receivers=np.zeros(0, np.int32),
+                    n_node=np.array([0], np.int32),
+                    n_edge=np.array([0], np.int32),
+                    globals=None,
+                )
+            )
+            continue
+        mol = smiles_to_graph(item) if isinstance(item, str) else item
+        parts.append(
+            jraph.GraphsTuple(
+                nodes=mol.atom_features,
+                edges=mol.bond_features,
+                senders=mol.senders,
+                receivers=mol.receivers,
+                n_node=np.array([mol.num_nodes], np.int32),
+                n_edge=np.array([mol.num_edges], np.int32),
+                globals=None,
+            )
+        )
+    batch = jraph.pad_with_graphs(jraph.batch_np(parts), num_nodes, num_edges, len(items) + 1)
+    return batch._replace(
+        n_node=batch.n_node.astype(np.int32), n_edge=batch.n_edge.astype(np.int32)
+    )
+
+
+def scramble_padding(graphs, seed=0):
+    """Random (valid) feature codes on every padding node and padding edge."""
+    rng = np.random.default_rng(seed)
+    node_mask = np.asarray(jraph.get_node_padding_mask(graphs))
+    edge_mask = np.asarray(jraph.get_edge_padding_mask(graphs))
+    nodes = np.array(graphs.nodes)
+    edges = np.array(graphs.edges)
+    for column, size in enumerate(ATOM_FEATURE_DIMS):
+        nodes[~node_mask, column] = rng.integers(0, size, (~node_mask).sum())
+    for column, size in enumerate(BOND_FEATURE_DIMS):
+        edges[~edge_mask, column] = rng.integers(0, size, (~edge_mask).sum())
+    return graphs._replace(nodes=nodes, edges=edges)
+
+
+def pooled(states, mask, graphs):
+    return segment_mean_pool(states, mask, node_graph_index(graphs), graphs.n_node.shape[0])
+
+
+def data_mesh():
+    """1-D mesh 'data' over all devices; Auto axes so host arrays are sharded by in_specs."""
+    return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+# ----------------------------------------------------------------------------- MaskedBatchNorm
+
+
+def _numpy_batchnorm(x, mask, scale, bias, eps=1e-5):
+    real = x[mask]
+    mean = real.mean(0)
+    var = real.var(0)  # biased
+    unbiased = real.var(0, ddof=1)
+    y = (x - mean) / np.sqrt(var + eps) * scale + bias
+    y[~mask] = 0.0
+    return y, mean, var, unbiased
+
+
+def test_masked_batchnorm_matches_numpy():
+    rng = np.random.default_rng(0)
+    x = rng.normal(2.0, 3.0, (11, 5)).astype(np.float32)
+    mask = np.array([1, 1, 0, 1, 1, 1, 0, 0, 1, 1, 1], bool)
+    bn = MaskedBatchNorm()
+    variables = bn.init(jax.random.key(0), x, mask, use_running_average=False)
+    scale = rng.normal(size=5).astype(np.float32)
+    bias = rng.normal(size=5).astype(np.float32)
+    variables = {"params": {"scale": scale, "bias": bias}, "batch_stats": variables["batch_stats"]}
+    y, updated = bn.apply(variables, x, mask, use_running_average=False, mutable=["batch_stats"])
+    expected, mean, _, unbiased = _numpy_batchnorm(x, mask, scale, bias)
+    np.testing.assert_allclose(y, expected, atol=1e-5)
+    stats = updated["batch_stats"]
+    np.testing.assert_allclose(stats["mean"], 0.1 * mean, rtol=1e-5)
+    np.testing.assert_allclose(stats["var"], 0.9 + 0.1 * unbiased, rtol=1e-5)
+
+    # Eval mode normalises with the running statistics.
+    y_eval = bn.apply({**variables, "batch_stats": stats}, x, mask, use_running_average=True)
+    running_mean, running_var = np.asarray(stats["mean"]), np.asarray(stats["var"])
+    expected_eval = (x - running_mean) / np.sqrt(running_var + 1e-5) * scale + bias
+    expected_eval[~mask] = 0.0
+    np.testing.assert_allclose(y_eval, expected_eval, atol=1e-5)
+
+
+def test_masked_batchnorm_ignores_padding_rows():
+    rng = np.random.default_rng(1)
+    real = rng.normal(size=(6, 4)).astype(np.float32)
+    bn = MaskedBatchNorm()
+    variables = bn.init(jax.random.key(0), real, use_running_average=False)
+
+    def run(x, mask):
+        return bn.apply(variables, x, mask, use_running_average=False, mutable=["batch_stats"])
+
+    y_ref, stats_ref = run(real, np.ones(6, bool))
+    padded = np.concatenate([real[:2], 1e3 * rng.normal(size=(5, 4)), real[2:]]).astype(np.float32)
+    mask = np.array([1, 1, 0, 0, 0, 0, 0, 1, 1, 1, 1], bool)
+    y, stats = run(padded, mask)
+    np.testing.assert_allclose(y[mask], y_ref, atol=1e-5)
+    assert np.all(np.asarray(y)[~mask] == 0.0)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), stats, stats_ref)
+
+    # A batch without real rows leaves the running statistics unchanged.
+    _, stats_empty = run(padded, np.zeros(11, bool))
+    jax.tree.map(
+        np.testing.assert_array_equal, stats_empty["batch_stats"], variables["batch_stats"]
+    )
+
+
+def test_masked_batchnorm_named_stat_sets():
+    x = np.random.default_rng(2).normal(size=(5, 3)).astype(np.float32)
+    bn = MaskedBatchNorm(stat_sets=("txt", "mol"))
+    variables = bn.init(jax.random.key(0), x, use_running_average=False, stats="txt")
+    assert set(variables["batch_stats"]) == {"txt_mean", "txt_var", "mol_mean", "mol_var"}
+    _, updated = bn.apply(
+        variables, x, use_running_average=False, stats="mol", mutable=["batch_stats"]
+    )
+    stats = updated["batch_stats"]
+    np.testing.assert_array_equal(stats["txt_mean"], 0.0)
+    np.testing.assert_allclose(stats["mol_mean"], 0.1 * x.mean(0), rtol=1e-5)
+    with pytest.raises(ValueError, match="unknown statistics set"):
+        bn.apply(variables, x, use_running_average=True, stats="image")
+
+
+def test_masked_batchnorm_synced_across_devices_equals_single_device():
+    devices = jax.device_count()
+    assert devices == 8, "tests/conftest.py sets 8 fake CPU devices"
+    rows_per_device, features = 4, 3
+    rng = np.random.default_rng(3)
+    x = rng.normal(1.0, 2.0, (devices * rows_per_device, features)).astype(np.float32)
+    # Uneven real-row counts per device: 4, 1, 0, 3, 2, 4, 0, 1.
+    counts = [4, 1, 0, 3, 2, 4, 0, 1]
+    mask = np.concatenate([np.arange(rows_per_device) < c for c in counts])
+    single = MaskedBatchNorm()
+    synced = MaskedBatchNorm(axis_name="data")
+    variables = single.init(jax.random.key(0), x, use_running_average=False)
+    y_ref, stats_ref = single.apply(
+        variables, x, mask, use_running_average=False, mutable=["batch_stats"]
+    )
+
+    def per_device(variables, x, mask):
+        return synced.apply(variables, x, mask, use_running_average=False, mutable=["batch_stats"])
+
+    mesh = data_mesh()
+    sharded = jax.jit(
+        jax.shard_map(
+            per_device,
+            mesh=mesh,
+            in_specs=(P(), P("data"), P("data")),
+            out_specs=(P("data"), P()),
+            check_vma=False,
+        )
+    )
+    y, stats = sharded(variables, x, mask)
+    np.testing.assert_allclose(np.asarray(y), np.asarray(y_ref), atol=1e-5)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5),
+        stats,
+        stats_ref,
+    )
+
+
+# ----------------------------------------------------------------------------------------- GIN
+
+
+@pytest.fixture(scope="module")
+def gin_small():
+    model = GIN(num_layers=3, features=16)
+    graphs = padded_graphs(SMILES[:3], 40, 80)
+    variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0), graphs)
+    return model, variables
+
+
+@functools.cache
+def _jitted(model, train):
+    if train:
+        return jax.jit(
+            lambda v, g, key: model.apply(
+                v, g, train=True, mutable=["batch_stats"], rngs={"dropout": key}
+            )
+        )
+    return jax.jit(lambda v, g: model.apply(v, g, train=False))
+
+
+def test_gin_outputs_follow_the_input_topology(gin_small):
+    model, variables = gin_small
+    graphs = padded_graphs([SMILES[0], None, SMILES[1]], 24, 40)
+    n_node_before = np.array(graphs.n_node)
+    states, mask = _jitted(model, False)(variables, graphs)
+    assert states.shape == (24, 16)
+    np.testing.assert_array_equal(graphs.n_node, n_node_before)
+    np.testing.assert_array_equal(mask, np.asarray(jraph.get_node_padding_mask(graphs)))
+    assert int(mask.sum()) == sum(n_node_before[:-1])
+    assert np.all(np.asarray(states)[~np.asarray(mask)] == 0.0)
+    assert np.all(np.isfinite(states))
+
+
+def test_gin_pooled_embedding_is_permutation_invariant(gin_small):
+    model, variables = gin_small
+    mol = smiles_to_graph(SMILES[2])
+    perm = np.random.default_rng(0).permutation(mol.num_nodes)
+    inverse = np.argsort(perm)  # old index -> new index
+    permuted = type(mol)(
+        atom_features=mol.atom_features[perm],
+        bond_features=mol.bond_features,
+        senders=inverse[mol.senders].astype(np.int32),
+        receivers=inverse[mol.receivers].astype(np.int32),
+    )
+    g1 = padded_graphs([mol], 16, 32)
+    g2 = padded_graphs([permuted], 16, 32)
+    s1, m1 = _jitted(model, False)(variables, g1)
+    s2, m2 = _jitted(model, False)(variables, g2)
+    np.testing.assert_allclose(pooled(s1, m1, g1)[0], pooled(s2, m2, g2)[0], atol=1e-5)
+    # Node states are permutation-equivariant.
+    np.testing.assert_allclose(s2[: mol.num_nodes], s1[: mol.num_nodes][perm], atol=1e-5)
+    assert not np.allclose(pooled(s1, m1, g1)[0], 0.0)
+
+
+def test_gin_same_molecule_same_embedding_in_any_batch(gin_small):
+    model, variables = gin_small
+    alone = padded_graphs([SMILES[2]], 24, 48)
+    crowded = padded_graphs([SMILES[0], None, SMILES[2], SMILES[5]], 96, 160)
+    s1, m1 = _jitted(model, False)(variables, alone)
+    s2, m2 = _jitted(model, False)(variables, crowded)
+    np.testing.assert_allclose(pooled(s1, m1, alone)[0], pooled(s2, m2, crowded)[2], atol=1e-5)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_gin_padding_values_change_nothing(gin_small, train):
+    model, variables = gin_small
+    graphs = padded_graphs([SMILES[1], None, SMILES[3]], 32, 48)
+    scrambled = scramble_padding(graphs)
+    assert not np.array_equal(scrambled.nodes, graphs.nodes)
+    if train:
+        key = jax.random.key(5)
+        (s1, _), st1 = _jitted(model, True)(variables, graphs, key)
+        (s2, _), st2 = _jitted(model, True)(variables, scrambled, key)
+        jax.tree.map(np.testing.assert_array_equal, st1, st2)
+    else:
+        s1, _ = _jitted(model, False)(variables, graphs)
+        s2, _ = _jitted(model, False)(variables, scrambled)
+    np.testing.assert_array_equal(s1, s2)
+
+
+def test_gin_batchnorm_statistics_ignore_padding_nodes(gin_small):
+    model, variables = gin_small
+    key = jax.random.key(0)
+    small = padded_graphs([SMILES[1], SMILES[2]], 24, 48)
+    big = scramble_padding(padded_graphs([SMILES[1], None, SMILES[2], None], 128, 256), seed=4)
+    (_, _), stats_small = _jitted(model, True)(variables, small, key)
+    (_, _), stats_big = _jitted(model, True)(variables, big, key)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+        stats_small,
+        stats_big,
+    )
+    # The statistics did move away from their initial values.
+    assert not np.allclose(stats_small["batch_stats"]["norm_0"]["mean"], 0.0)
+
+
+def test_gin_eval_deterministic_and_train_dropout():
+    model = GIN(num_layers=2, features=8, dropout_rate=0.5)
+    graphs = padded_graphs(SMILES[:2], 16, 32)
+    variables = jax.jit(functools.partial(model.init, train=False))(jax.random.key(0), graphs)
+    eval_fn = _jitted(model, False)
+    np.testing.assert_array_equal(eval_fn(variables, graphs)[0], eval_fn(variables, graphs)[0])
+    train_fn = _jitted(model, True)
+    (a, _), _ = train_fn(variables, graphs, jax.random.key(1))
+    (b, _), _ = train_fn(variables, graphs, jax.random.key(2))
+    (c, _), _ = train_fn(variables, graphs, jax.random.key(1))
+    assert np.all(np.isfinite(a))
+    assert not np.allclose(a, b)
+    np.testing.assert_array_equal(a, c)
+
+
+def test_gin_synced_batchnorm_across_devices_equals_single_device():
+    """Training-mode GIN over 8 device chunks == one device on the whole batch."""
+    model_single = GIN(num_layers=2, features=8)
+    model_synced = GIN(num_layers=2, features=8, axis_name="data")
+    # Uneven molecules per device (sizes 0..19 atoms), b = 2 pair slots per device.
+    chunks = [
+        [SMILES[0], SMILES[2]],
+        [None, None],
+        [SMILES[3], None],
+        [SMILES[1], SMILES[5]],
+        [SMILES[4], SMILES[0]],
+        [None, SMILES[2]],
+        [SMILES[5], SMILES[5]],
+        [SMILES[1], None],
+    ]
+    per_device = [padded_graphs(c, 40, 64) for c in chunks]
+    stacked = jax.tree.map(lambda *xs: np.concatenate(xs), *per_device)
+    whole = padded_graphs([s for c in chunks for s in c], 320, 512)
+    variables = model_single.init(jax.random.key(0), whole, train=False)
+    (states_ref, mask_ref), stats_ref = model_single.apply(
+        variables, whole, train=True, mutable=["batch_stats"]
+    )
+    pooled_ref = pooled(states_ref, mask_ref, whole)[:-1]  # [16, 8]
+
+    def step(variables, graphs):
+        (states, mask), stats = model_synced.apply(
+            variables, graphs, train=True, mutable=["batch_stats"]
+        )
+        return pooled(states, mask, graphs)[:-1], stats
+
+    mesh = data_mesh()
+    fn = jax.jit(
+        jax.shard_map(
+            step,
+            mesh=mesh,
+            in_specs=(P(), P("data")),
+            out_specs=(P("data"), P()),
+            check_vma=False,
+        )
+    )
+    got, stats = fn(variables, stacked)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(pooled_ref), atol=1e-5)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5),
+        stats,
+        stats_ref,
+    )
+
+
+def test_gin_default_parameter_count(capsys):
+    graphs = padded_graphs(SMILES[:1], 8, 8)
+    shapes = jax.eval_shape(functools.partial(GIN().init, train=False), jax.random.key(0), graphs)
+    d = 300
+    per_layer = d * sum(BOND_FEATURE_DIMS) + 1 + (d * 2 * d + 2 * d) + (2 * d * d + d) + 2 * d
+    expected = d * sum(ATOM_FEATURE_DIMS) + 5 * per_layer
+    got = count_params(shapes["params"])
+    with capsys.disabled():
+        print(f"\n[param count] GIN 5x300 (default): {got:,}")
+    assert got == expected
