@@ -25,7 +25,12 @@ import jax
 import jax.numpy as jnp
 import jraph
 
-from jaxmol.models.layers import MaskedBatchNorm, TorchDense
+from jaxmol.models.layers import (
+    MaskedBatchNorm,
+    TorchDense,
+    edge_padding_mask,
+    node_padding_mask,
+)
 
 
 def _default_atom_dims() -> tuple[int, ...]:
@@ -150,8 +155,8 @@ class GIN(nn.Module):
         """
         atom_dims = tuple(self.atom_vocab_sizes) or _default_atom_dims()
         bond_dims = tuple(self.bond_vocab_sizes) or _default_bond_dims()
-        node_mask = jraph.get_node_padding_mask(graphs)  # [N]
-        edge_mask = jraph.get_edge_padding_mask(graphs)  # [E]
+        node_mask = node_padding_mask(graphs)  # [N]
+        edge_mask = edge_padding_mask(graphs)  # [E]
         states = CategoricalEmbedding(atom_dims, self.features, name="atom")(graphs.nodes)
         states = jnp.where(node_mask[:, None], states, 0.0)  # [N, d]
         for layer in range(self.num_layers):

@@ -165,12 +165,32 @@ def _stat_name(stat_set: str, statistic: str) -> str:
     return f"{stat_set}_{statistic}" if stat_set else statistic
 
 
+def node_padding_mask(graphs: jraph.GraphsTuple) -> jax.Array:
+    """bool [N]: True for real nodes.
+
+    The layout is jraph's `pad_with_graphs` with one trailing padding graph that holds every
+    padding node, so the real nodes are the first sum(n_node[:-1]). Same result as
+    `jraph.get_node_padding_mask` for that layout, but also jit-safe when the graph arrays are
+    NumPy constants closed over by a traced function.
+    """
+    num_nodes = jax.tree.leaves(graphs.nodes)[0].shape[0]
+    return jnp.arange(num_nodes) < jnp.sum(jnp.asarray(graphs.n_node)[:-1])
+
+
+def edge_padding_mask(graphs: jraph.GraphsTuple) -> jax.Array:
+    """bool [E]: True for real edges (see `node_padding_mask` for the layout)."""
+    num_edges = graphs.senders.shape[0]
+    return jnp.arange(num_edges) < jnp.sum(jnp.asarray(graphs.n_edge)[:-1])
+
+
 def node_graph_index(graphs: jraph.GraphsTuple) -> jax.Array:
     """int32 [N]: the graph each node belongs to (static length, jit-safe)."""
     num_nodes = jax.tree.leaves(graphs.nodes)[0].shape[0]
     num_graphs = graphs.n_node.shape[0]
     return jnp.repeat(
-        jnp.arange(num_graphs, dtype=jnp.int32), graphs.n_node, total_repeat_length=num_nodes
+        jnp.arange(num_graphs, dtype=jnp.int32),
+        jnp.asarray(graphs.n_node),
+        total_repeat_length=num_nodes,
     )
 
 
