@@ -1,0 +1,225 @@
+"""Orbax checkpoints: async saves, keep-last-N plus the best by a validation metric, strict restore.
+
+A checkpoint step holds four items:
+
+* ``state``: the train state (params, batch statistics, optimiser states, step, RNG key),
+  saved as one replicated copy, so it restores onto any number of devices;
+* ``data_position``: where the batch stream stands (`jaxmol.data.batching.Position`);
+* ``config``: the resolved run configuration (JSON), so a checkpoint alone can be evaluated;
+* ``metrics``: the validation metrics at that step (may be empty).
+
+Restores always go through an abstract target with explicit shardings (a checkpoint written on 8
+devices restores on 1), and every failure is re-raised as `CheckpointError` naming the directory,
+the step and what is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, BestN, LatestN
+
+logger = logging.getLogger(__name__)
+
+ITEMS = ("state", "data_position", "config", "metrics")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, unreadable, or does not fit the model being restored."""
+
+
+def _metric_getter(name: str):
+    def get(metrics: dict) -> float:
+        return float(metrics.get(name, float("-inf")))
+
+    return get
+
+
+class Checkpointer:
+    """A thin wrapper over `orbax.checkpoint.CheckpointManager`.
+
+    Args:
+      directory: where checkpoint steps live (made absolute: orbax needs it).
+      keep: how many of the latest checkpoints to keep.
+      best_metric: a key of the saved metrics; the checkpoint with its highest value is kept
+        as well (None: only the latest `keep`).
+      async_save: save in a background thread (call `wait` before reading or exiting).
+      read_only: open for evaluation (no saves, no clean-up).
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        keep: int = 2,
+        best_metric: str | None = None,
+        async_save: bool = True,
+        read_only: bool = False,
+    ):
+        self.directory = Path(directory).expanduser().absolute()
+        self.best_metric = best_metric
+        policies = [LatestN(n=keep)]
+        if best_metric:
+            policies.append(
+                BestN(
+                    get_metric_fn=_metric_getter(best_metric),
+                    n=1,
+                    keep_checkpoints_without_metrics=False,
+                )
+            )
+        options = ocp.CheckpointManagerOptions(
+            enable_async_checkpointing=async_save,
+            preservation_policy=AnyPreservationPolicy(policies),
+            create=not read_only,
+            read_only=read_only,
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def best_step(self) -> int | None:
+        """The step with the highest `best_metric` among kept checkpoints (None if none)."""
+        if not self.best_metric:
+            return None
+        scored = []
+        for step in self.all_steps():
+            metrics = self.restore_json(step, "metrics")
+            if metrics and self.best_metric in metrics:
+                scored.append((float(metrics[self.best_metric]), step))
+        return max(scored)[1] if scored else None
+
+    def save(
+        self,
+        step: int,
+        state: Any,
+        *,
+        data_position: dict,
+        config: dict,
+        metrics: dict | None = None,
+    ) -> None:
+        metrics = {k: float(v) for k, v in (metrics or {}).items()}
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data_position=ocp.args.JsonSave(data_position),
+                config=ocp.args.JsonSave(config),
+                metrics=ocp.args.JsonSave(metrics),
+            ),
+            metrics=metrics if (metrics and self.best_metric in metrics) else None,
+            force=True,
+        )
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+    def _check_step(self, step: int) -> None:
+        if step not in self.all_steps():
+            raise CheckpointError(
+                f"no checkpoint at step {step} in {self.directory} "
+                f"(available: {self.all_steps() or 'none'})"
+            )
+
+    def restore_json(self, step: int, item: str) -> Any:
+        """One JSON item (data_position, config or metrics) of a step."""
+        self._check_step(step)
+        try:
+            restored = self._manager.restore(
+                step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()})
+            )
+        except Exception as error:
+            raise CheckpointError(
+                f"checkpoint {self.directory} step {step}: cannot read '{item}': {error}"
+            ) from error
+        return restored[item]
+
+    def restore_state(self, step: int, target: Any) -> Any:
+        """Restores the train state of `step` into the structure, shapes and shardings of
+        `target` (concrete arrays or `jax.ShapeDtypeStruct`s with shardings).
+
+        Raises:
+          CheckpointError: unreadable files, or a tree that differs from the target (names the
+            differing entries).
+        """
+        self._check_step(step)
+        abstract = jax.tree.map(_abstract, target)
+        self._check_compatible(step, abstract)
+        try:
+            restored = self._manager.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+            )
+        except Exception as error:
+            raise CheckpointError(
+                f"checkpoint {self.directory} step {step} is corrupted or unreadable: "
+                f"{type(error).__name__}: {error}"
+            ) from error
+        return restored["state"]
+
+    def _check_compatible(self, step: int, abstract: Any) -> None:
+        try:
+            metadata = self._manager.item_metadata(step)["state"]
+        except Exception as error:
+            raise CheckpointError(
+                f"checkpoint {self.directory} step {step} is corrupted or unreadable "
+                f"(no readable state metadata): {type(error).__name__}: {error}"
+            ) from error
+        if metadata is None:
+            raise CheckpointError(f"checkpoint {self.directory} step {step} has no state")
+        saved = _shapes_by_path(metadata)
+        wanted = _shapes_by_path(abstract)
+        problems = [f"missing in checkpoint: {p}" for p in sorted(wanted.keys() - saved.keys())]
+        problems += [f"not in the model: {p}" for p in sorted(saved.keys() - wanted.keys())]
+        problems += [
+            f"shape of {p}: checkpoint {saved[p]} vs model {wanted[p]}"
+            for p in sorted(wanted.keys() & saved.keys())
+            if saved[p] is not None and tuple(saved[p]) != tuple(wanted[p])
+        ]
+        if problems:
+            listing = "\n  ".join(problems[:30])
+            more = f"\n  ... and {len(problems) - 30} more" if len(problems) > 30 else ""
+            raise CheckpointError(
+                f"checkpoint {self.directory} step {step} does not fit this model "
+                f"({len(problems)} problems; was it written with another config?):\n  "
+                f"{listing}{more}"
+            )
+
+
+def _abstract(x: Any) -> Any:
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return x
+    sharding = getattr(x, "sharding", None)
+    if sharding is None:
+        sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=sharding)
+
+
+def _shapes_by_path(tree: Any) -> dict[str, tuple | None]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {
+        jax.tree_util.keystr(path, simple=True, separator="/"): getattr(leaf, "shape", None)
+        for path, leaf in leaves
+    }
+
+
+def write_json(path: str | os.PathLike, value: Any) -> None:
+    """Writes JSON atomically (a reader never sees a half-written file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
