@@ -80,7 +80,16 @@ class Checkpointer:
             create=not read_only,
             read_only=read_only,
         )
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=options,
+            item_handlers={
+                "state": ocp.StandardCheckpointHandler(),
+                "data_position": ocp.JsonCheckpointHandler(),
+                "config": ocp.JsonCheckpointHandler(),
+                "metrics": ocp.JsonCheckpointHandler(),
+            },
+        )
 
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
@@ -170,7 +179,38 @@ class Checkpointer:
             ) from error
         return restored["state"]
 
-    def _check_compatible(self, step: int, abstract: Any) -> None:
+    def restore_variables(self, step: int, target: dict) -> dict:
+        """Restores only the `params` and `batch_stats` of a step's state (no optimiser state
+        is read) into the shapes and shardings of `target`."""
+        self._check_step(step)
+        abstract = jax.tree.map(_abstract, target)
+        self._check_compatible(step, abstract, partial=True)
+        reader = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(read_only=True),
+            item_handlers={"state": ocp.PyTreeCheckpointHandler()},
+        )
+        try:
+            restored = reader.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.PyTreeRestore(
+                        item=abstract,
+                        restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+                        partial_restore=True,
+                    )
+                ),
+            )
+        except Exception as error:
+            raise CheckpointError(
+                f"checkpoint {self.directory} step {step} is corrupted or unreadable: "
+                f"{type(error).__name__}: {error}"
+            ) from error
+        finally:
+            reader.close()
+        return dict(restored["state"])
+
+    def _check_compatible(self, step: int, abstract: Any, partial: bool = False) -> None:
         try:
             metadata = self._manager.item_metadata(step)["state"]
         except Exception as error:
@@ -183,11 +223,14 @@ class Checkpointer:
         saved = _shapes_by_path(metadata)
         wanted = _shapes_by_path(abstract)
         problems = [f"missing in checkpoint: {p}" for p in sorted(wanted.keys() - saved.keys())]
-        problems += [f"not in the model: {p}" for p in sorted(saved.keys() - wanted.keys())]
+        if not partial:
+            problems += [f"not in the model: {p}" for p in sorted(saved.keys() - wanted.keys())]
         problems += [
             f"shape of {p}: checkpoint {saved[p]} vs model {wanted[p]}"
             for p in sorted(wanted.keys() & saved.keys())
-            if saved[p] is not None and tuple(saved[p]) != tuple(wanted[p])
+            if saved[p] is not None
+            and wanted[p] is not None  # placeholders: items not restored
+            and tuple(saved[p]) != tuple(wanted[p])
         ]
         if problems:
             listing = "\n  ".join(problems[:30])
@@ -200,7 +243,7 @@ class Checkpointer:
 
 
 def _abstract(x: Any) -> Any:
-    if isinstance(x, jax.ShapeDtypeStruct):
+    if x is ocp.PLACEHOLDER or isinstance(x, jax.ShapeDtypeStruct):
         return x
     sharding = getattr(x, "sharding", None)
     if sharding is None:
@@ -223,3 +266,49 @@ def write_json(path: str | os.PathLike, value: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
     os.replace(tmp, path)
+
+
+def restore_for_eval(
+    workdir: str | os.PathLike, step: int | str = "best", *, sharding=None
+) -> tuple[Any, dict, Any, int]:
+    """Restores a trained model for evaluation, without its optimiser state.
+
+    Args:
+      workdir: a training workdir (holds ``checkpoints/``).
+      step: an int, 'latest', or 'best' (the best validation checkpoint; the latest one when no
+        checkpoint has validation metrics).
+      sharding: where the variables go; default the first local device (works whatever the
+        device count of the training run).
+
+    Returns:
+      (model, variables, config, step): an eval-mode `RetrievalModel` (no device axis), its
+      {'params', 'batch_stats'}, the run's `ml_collections.ConfigDict`, and the step restored.
+    """
+    import ml_collections
+
+    from jaxmol import train_lib
+
+    directory = Path(workdir).expanduser().absolute() / "checkpoints"
+    if not directory.is_dir():
+        raise CheckpointError(f"no checkpoints in {workdir} (expected {directory})")
+    checkpointer = Checkpointer(directory, read_only=True, async_save=False)
+    steps = checkpointer.all_steps()
+    if not steps:
+        raise CheckpointError(f"{directory} holds no complete checkpoint")
+    if step == "latest":
+        step = steps[-1]
+    elif step == "best":
+        config_dict = checkpointer.restore_json(steps[-1], "config")
+        checkpointer.best_metric = config_dict.get("best_metric")
+        step = checkpointer.best_step() or steps[-1]
+    step = int(step)
+    config = ml_collections.ConfigDict(checkpointer.restore_json(step, "config"))
+    model, abstract = train_lib.abstract_train_state(config)
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+        {"params": abstract.params, "batch_stats": abstract.batch_stats},
+    )
+    variables = checkpointer.restore_variables(step, target)
+    checkpointer.close()
+    return model, variables, config, step

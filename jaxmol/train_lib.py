@@ -26,6 +26,7 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import jraph
 import ml_collections
 import numpy as np
 import optax
@@ -225,6 +226,38 @@ def init_state(
         rng=state_rng,
     )
     return state, tx, critic_tx
+
+
+def abstract_train_state(config: ml_collections.ConfigDict) -> tuple[RetrievalModel, TrainState]:
+    """The eval model and the shapes/dtypes of the run's TrainState, computed abstractly (no
+    weights are read, no arrays are made), as a restore target."""
+    eval_model = RetrievalModel(model_config_for(config, axis_name=None))
+    random_text = config.copy_and_resolve_references()
+    with random_text.unlocked():
+        random_text.model.text_init = "random"  # same shapes; never touches the weights file
+        base = bert_config_for(config)
+        random_text.model.text_random = {
+            f.name: getattr(base, f.name)
+            for f in dataclasses.fields(base)
+            if f.name
+            in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
+        }
+    width = 9 if config.model.mol_encoder == "gin" else 1
+    chunk = {
+        "text_ids": jnp.zeros((2, 8), jnp.int32),
+        "text_mask": jnp.ones((2, 8), jnp.int32),
+        "graphs": jraph.GraphsTuple(
+            nodes=jnp.zeros((4, width), jnp.int32),
+            edges=jnp.zeros((2, 3), jnp.int32),
+            senders=jnp.array([0, 1], jnp.int32),
+            receivers=jnp.array([1, 0], jnp.int32),
+            n_node=jnp.array([2, 1, 1], jnp.int32),
+            n_edge=jnp.array([2, 0, 0], jnp.int32),
+            globals=None,
+        ),
+    }
+    abstract = jax.eval_shape(lambda: init_state(random_text, eval_model, chunk, total_steps=1)[0])
+    return eval_model, abstract
 
 
 def _merge_strict(initialised: Any, pretrained: Any) -> Any:
