@@ -302,7 +302,11 @@ def test_gin_eval_deterministic_and_train_dropout():
 
 
 def test_gin_synced_batchnorm_across_devices_equals_single_device():
-    """Training-mode GIN over 8 device chunks == one device on the whole batch."""
+    """Training-mode GIN over 8 device chunks == one device on the whole batch.
+
+    Checks the forward pass, the running statistics, and the parameter gradient of a loss summed
+    over all molecules (per-device gradients psum'd, shard_map with check_vma=False).
+    """
     model_single = GIN(num_layers=2, features=8)
     model_synced = GIN(num_layers=2, features=8, axis_name="data")
     # Uneven molecules per device (sizes 0..19 atoms), b = 2 pair slots per device.
@@ -320,34 +324,45 @@ def test_gin_synced_batchnorm_across_devices_equals_single_device():
     stacked = jax.tree.map(lambda *xs: np.concatenate(xs), *per_device)
     whole = padded_graphs([s for c in chunks for s in c], 320, 512)
     variables = model_single.init(jax.random.key(0), whole, train=False)
-    (states_ref, mask_ref), stats_ref = model_single.apply(
-        variables, whole, train=True, mutable=["batch_stats"]
-    )
-    pooled_ref = pooled(states_ref, mask_ref, whole)[:-1]  # [16, 8]
 
-    def step(variables, graphs):
-        (states, mask), stats = model_synced.apply(
-            variables, graphs, train=True, mutable=["batch_stats"]
+    def forward(model, params, graphs):
+        (states, mask), stats = model.apply(
+            {**variables, "params": params}, graphs, train=True, mutable=["batch_stats"]
         )
-        return pooled(states, mask, graphs)[:-1], stats
+        per_graph = pooled(states, mask, graphs)[:-1]  # [b, 8]
+        return jax.numpy.sum(jax.numpy.sin(3.0 * per_graph)), (per_graph, stats)
 
-    mesh = data_mesh()
+    grad_fn = jax.value_and_grad(forward, argnums=1, has_aux=True)
+    (_, (pooled_ref, stats_ref)), grads_ref = jax.jit(grad_fn, static_argnums=0)(
+        model_single, variables["params"], whole
+    )
+
+    def step(params, graphs):
+        (_, (per_graph, stats)), grads = grad_fn(model_synced, params, graphs)
+        return per_graph, stats, jax.lax.psum(grads, "data")
+
     fn = jax.jit(
         jax.shard_map(
             step,
-            mesh=mesh,
+            mesh=data_mesh(),
             in_specs=(P(), P("data")),
-            out_specs=(P("data"), P()),
+            out_specs=(P("data"), P(), P()),
             check_vma=False,
         )
     )
-    got, stats = fn(variables, stacked)
+    got, stats, grads = fn(variables["params"], stacked)
     np.testing.assert_allclose(np.asarray(got), np.asarray(pooled_ref), atol=1e-5)
-    jax.tree.map(
-        lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5),
-        stats,
-        stats_ref,
-    )
+    # Gradients reach ~20; a bias feeding a BatchNorm has an exactly-zero gradient that float32
+    # leaves as rounding noise of ~1e-5 of that scale, hence the absolute tolerance for grads.
+    for ref_tree, got_tree, atol in ((stats_ref, stats, 1e-5), (grads_ref, grads, 2e-4)):
+        jax.tree.map(
+            lambda a, b, atol=atol: np.testing.assert_allclose(
+                np.asarray(a), np.asarray(b), rtol=1e-5, atol=atol
+            ),
+            got_tree,
+            ref_tree,
+        )
+    assert float(np.abs(np.asarray(grads_ref["conv_0"]["mlp_0"]["kernel"])).sum()) > 0
 
 
 def test_gin_default_parameter_count(capsys):
