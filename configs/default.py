@@ -26,6 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.max_text_length = 256
     config.data.text_buckets = (32, 64, 128, 256)
     config.data.group_by_length = True
+    config.data.single_graph_budget = False  # True: one graph shape (fewer compiles)
     config.data.on_invalid = "skip"  # molecules RDKit rejects are reported and excluded
     config.data.max_train_pairs = -1  # > 0: use only the first N train pairs
     config.data.max_eval_pairs = -1  # > 0: use only the first N pairs of eval splits

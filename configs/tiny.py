@@ -13,7 +13,8 @@ def get_config():
     config.data.val_split = "pcdes/validation"
     config.data.test_splits = ("pcdes/test",)
     config.data.max_text_length = 64
-    config.data.text_buckets = (32, 64)
+    config.data.text_buckets = (64,)  # one text shape and one graph shape: one compile
+    config.data.single_graph_budget = True
     config.data.max_train_pairs = 96
     config.data.max_eval_pairs = 48
     config.model.text_init = "random"

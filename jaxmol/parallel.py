@@ -80,7 +80,7 @@ class DataParallel:
     def shard(self, batch: Any) -> Any:
         """Host batch with a leading [D, ...] axis -> device arrays split over devices."""
         if self.mode == "pmap":
-            return jax.tree.map(lambda x: jax.device_put_sharded(list(x), self.devices), batch)
+            return batch  # pmap splits host arrays over its devices itself
         return jax.device_put(batch, self._split)
 
     def run(

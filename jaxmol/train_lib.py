@@ -292,8 +292,13 @@ def make_train_step(
     model: RetrievalModel,
     tx: optax.GradientTransformation,
     critic_tx: optax.GradientTransformation | None,
+    *,
+    return_grads: bool = False,
 ):
-    """The per-device step `(state, chunk) -> (state, metrics)` over the device axis 'data'."""
+    """The per-device step `(state, chunk) -> (state, metrics)` over the device axis 'data'.
+
+    With `return_grads`, metrics also holds the averaged gradient tree under 'grads' (tests).
+    """
     loss_cfg = config.loss
     adversary = loss_cfg.adversary
 
@@ -364,9 +369,11 @@ def make_train_step(
         metrics = {
             **terms,
             "loss": loss,
-            "grad_norm": optax.global_norm(grads),
-            "param_norm": optax.global_norm(params),
+            "grad_norm": optax.tree.norm(grads),
+            "param_norm": optax.tree.norm(params),
         }
+        if return_grads:
+            metrics["grads"] = grads
         new_state = state.replace(
             step=state.step + 1,
             params=params,
@@ -491,6 +498,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         seed=config.seed,
         group_by_length=config.data.group_by_length,
         text_buckets=config.data.text_buckets,
+        single_graph_budget=config.data.single_graph_budget,
     )
     total_steps = (
         config.num_steps if config.num_steps > 0 else config.num_epochs * batcher.num_batches

@@ -134,7 +134,9 @@ def _round_up(value: float, multiple: int = _BUDGET_MULTIPLE) -> int:
     return int(math.ceil(max(value, 1) / multiple) * multiple)
 
 
-def graph_budgets_for(n_node: np.ndarray, n_edge: np.ndarray, pairs_per_chunk: int) -> GraphBudgets:
+def graph_budgets_for(
+    n_node: np.ndarray, n_edge: np.ndarray, pairs_per_chunk: int, single_level: bool = False
+) -> GraphBudgets:
     """Derives budget levels from the molecule sizes of a split.
 
     The base level covers a typical chunk (mean + 3 standard deviations of the sum of
@@ -145,6 +147,7 @@ def graph_budgets_for(n_node: np.ndarray, n_edge: np.ndarray, pairs_per_chunk: i
       n_node: [M] atoms per molecule (valid molecules only).
       n_edge: [M] directed edges per molecule.
       pairs_per_chunk: b, the pairs per device chunk.
+      single_level: only the level that fits everything (one compiled shape, more padding).
     """
     n_node = np.asarray(n_node, np.float64)
     n_edge = np.asarray(n_edge, np.float64)
@@ -153,6 +156,8 @@ def graph_budgets_for(n_node: np.ndarray, n_edge: np.ndarray, pairs_per_chunk: i
     base_edges = _round_up(b * n_edge.mean() + 3 * math.sqrt(b) * n_edge.std())
     cap_nodes = _round_up(np.sort(n_node)[-b:].sum() + 1)
     cap_edges = _round_up(np.sort(n_edge)[-b:].sum())
+    if single_level:
+        return GraphBudgets((cap_nodes,), (cap_edges,))
     nodes, edges = [min(base_nodes, cap_nodes)], [min(base_edges, cap_edges)]
     while nodes[-1] < cap_nodes or edges[-1] < cap_edges:
         nodes.append(min(nodes[-1] * _BUDGET_GROWTH, cap_nodes))
@@ -181,6 +186,7 @@ class PairBatcher:
         into batches, then shuffle the batches: far less text padding than random batches.
       text_buckets: ascending padded text lengths; the last must be >= the tokenizer max length.
       graph_budgets: per-chunk graph budgets; default derived from the split.
+      single_graph_budget: derive one budget level that fits every chunk (fewer compiles).
     """
 
     def __init__(
@@ -194,6 +200,7 @@ class PairBatcher:
         group_by_length: bool = False,
         text_buckets: Sequence[int] = DEFAULT_TEXT_BUCKETS,
         graph_budgets: GraphBudgets | None = None,
+        single_graph_budget: bool = False,
     ):
         if batch_size < 1 or num_devices < 1 or batch_size % num_devices:
             raise ValueError(
@@ -217,7 +224,10 @@ class PairBatcher:
         self.group_by_length = group_by_length
         self.text_buckets = buckets
         self.graph_budgets = graph_budgets or graph_budgets_for(
-            split.graphs.n_node[split.rows], split.graphs.n_edge[split.rows], self.pairs_per_chunk
+            split.graphs.n_node[split.rows],
+            split.graphs.n_edge[split.rows],
+            self.pairs_per_chunk,
+            single_level=single_graph_budget,
         )
         lengths = split.tokens.lengths[split.rows]
         self._row_bucket = np.searchsorted(np.asarray(buckets), lengths)  # [M'] bucket index

@@ -1,0 +1,267 @@
+"""Training: 8-device shard_map / pmap equivalence, kill-and-resume, config errors, NaN stop."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from configs import tiny
+from jaxmol import checkpointing, train_lib
+from jaxmol.config import ConfigError, validate_config
+from jaxmol.data.batching import PairBatcher, encode_split
+from jaxmol.data.datasets import load_split
+from jaxmol.data.tokenize import load_tokenizer
+from jaxmol.models.retrieval import RetrievalModel
+from jaxmol.parallel import DataParallel, select_devices
+
+REPO = Path(__file__).resolve().parents[1]
+PRE_BATCHNORM_BIAS = re.compile(
+    r"\['head'\]\['linear'\]\['bias'\]|\['mol'\]\['conv_\d+'\]\['mlp_1'\]\['bias'\]"
+)
+
+
+@pytest.fixture(scope="module")
+def small_split(tmp_path_factory):
+    config = tiny.get_config()
+    tokenizer = load_tokenizer(train_lib.text_model_dir(config), max_length=64)
+    dataset = load_split("pcdes/train").select(range(40))
+    return encode_split(
+        dataset, tokenizer, on_invalid="skip", cache_dir=tmp_path_factory.mktemp("features")
+    )
+
+
+def _three_steps(config, split, mode, num_devices):
+    """Three train steps on the same global batch of 16 (13 real pairs + 3 masked); the first
+    runs at learning rate 0 (warm-up starts at 0)."""
+    runner = DataParallel(mode, select_devices(num_devices))
+    batcher = PairBatcher(
+        split, batch_size=16, num_devices=num_devices, shuffle=False, text_buckets=(64,)
+    )
+    batch = batcher.make_batch(split.rows[:13])
+    model = RetrievalModel(train_lib.model_config_for(config))
+    chunk = jax.tree.map(lambda x: x[0], batch)
+    state, tx, critic_tx = train_lib.init_state(config, model, chunk, total_steps=10)
+    step = runner.run(
+        train_lib.make_train_step(config, model, tx, critic_tx, return_grads=True),
+        replicated_args=(0,),
+        out_kinds=("replicated", "replicated"),
+    )
+    state = runner.replicate(state)
+    losses, grads = [], []
+    for _ in range(3):
+        state, metrics = step(state, runner.shard(batch))
+        metrics = jax.device_get(runner.unreplicate(metrics))
+        losses.append(float(metrics["loss"]))
+        grads.append(metrics["grads"])
+    return losses, grads, jax.device_get(runner.unreplicate(state))
+
+
+def _assert_trees_close(a, b, atol):
+    flat_a = jax.tree_util.tree_flatten_with_path(a)[0]
+    flat_b = jax.tree.leaves(b)
+    assert len(flat_a) == len(flat_b)
+    for (path, x), y in zip(flat_a, flat_b, strict=True):
+        np.testing.assert_allclose(
+            np.asarray(x), np.asarray(y), atol=atol, rtol=0, err_msg=jax.tree_util.keystr(path)
+        )
+
+
+@pytest.mark.parametrize("adversary", ["grl", "wgan_gp"])
+def test_eight_devices_equal_one_device(small_split, adversary):
+    assert jax.device_count() == 8
+    config = tiny.get_config()
+    config.loss.adversary = adversary
+    reference_losses, reference_grads, reference = _three_steps(config, small_split, "shard_map", 1)
+    # Biases right before a BatchNorm have a true gradient of 0; what reaches them is rounding
+    # noise, which Adam normalises to updates of size lr. Their gradients must be ~0 on every
+    # runner; their Adam-updated values are excluded from the parameter comparison.
+    for grads in reference_grads:
+        for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
+            if PRE_BATCHNORM_BIAS.search(jax.tree_util.keystr(path)):
+                assert np.abs(g).max() < 1e-5
+    # More generally Adam's first steps are close to lr·sign(g): an element whose gradient is
+    # at rounding level can move by ±lr on either runner, so only elements with a clear
+    # gradient are compared by value.
+    noise_only = jax.tree_util.tree_map_with_path(
+        lambda path, *g: (
+            (PRE_BATCHNORM_BIAS.search(jax.tree_util.keystr(path)) is not None)
+            | (np.min(np.abs(np.stack(g)), axis=0) < 1e-4)
+        ),
+        *reference_grads,
+    )
+    modes = ["shard_map", "pmap"] if adversary == "grl" else ["shard_map"]
+    for mode in modes:
+        losses, grads, state = _three_steps(config, small_split, mode, 8)
+        np.testing.assert_allclose(losses, reference_losses, atol=1e-5, rtol=0)
+        for ours, theirs in zip(grads, reference_grads, strict=True):
+            _assert_trees_close(ours, theirs, atol=1e-5)
+        _assert_trees_close(
+            jax.tree.map(lambda p, n: np.where(n, 0.0, p), state.params, noise_only),
+            jax.tree.map(lambda p, n: np.where(n, 0.0, p), reference.params, noise_only),
+            atol=1e-5,
+        )
+        _assert_trees_close(state.batch_stats, reference.batch_stats, atol=1e-5)
+    # The step did something: parameters moved away from their initial values.
+    assert reference_losses[2] != reference_losses[0]
+
+
+def test_wgan_gp_updates_the_critic_and_grl_does_not_freeze_it(small_split):
+    config = tiny.get_config()
+    config.loss.adversary = "wgan_gp"
+    model = RetrievalModel(train_lib.model_config_for(config))
+    labels = train_lib.param_labels(train_lib.abstract_train_state(config)[1].params, config)
+    assert set(jax.tree.leaves(labels["discriminator"])) == {"critic"}
+    assert set(jax.tree.leaves(labels["txt"])) == {"bert"}
+    config.optim.freeze_bert_layers = 1
+    labels = train_lib.param_labels(train_lib.abstract_train_state(config)[1].params, config)
+    assert set(jax.tree.leaves(labels["txt"]["embeddings"])) == {"frozen"}
+    assert set(jax.tree.leaves(labels["txt"]["layer_0"])) == {"frozen"}
+    assert set(jax.tree.leaves(labels["txt"]["layer_1"])) == {"bert"}
+    del model
+
+
+def test_learning_rate_schedule_matches_the_official_shape():
+    config = tiny.get_config()
+    config.optim.warmup_steps = 10
+    config.optim.decay_ends_warmup_early = True
+    schedule = train_lib.learning_rate_schedule(config, 1.0, total_steps=100)
+    assert float(schedule(0)) == 0.0
+    assert float(schedule(5)) == pytest.approx(0.5)
+    assert float(schedule(10)) == pytest.approx(1.0)
+    assert float(schedule(90)) == pytest.approx(0.0, abs=1e-6)  # 0 at total - warmup
+    assert float(schedule(99)) == pytest.approx(0.0, abs=1e-6)
+    config.optim.decay_ends_warmup_early = False
+    schedule = train_lib.learning_rate_schedule(config, 1.0, total_steps=100)
+    assert float(schedule(55)) == pytest.approx(0.5)
+
+
+def test_nonfinite_loss_names_the_step():
+    runner = DataParallel("shard_map", select_devices(1))
+    pending = [(7, {"loss": np.float32(1.0)}), (8, {"loss": np.float32(np.nan)})]
+    with pytest.raises(train_lib.NonFiniteLossError, match="at step 8"):
+        train_lib._check_finite(pending, runner)
+
+
+def test_invalid_config_values_name_the_key():
+    config = tiny.get_config()
+    config.loss.adversary = "gan"
+    with pytest.raises(ConfigError, match=r"config\.loss\.adversary='gan'"):
+        validate_config(config)
+    config = tiny.get_config()
+    config.data.text_buckets = (32,)
+    with pytest.raises(ConfigError, match=r"config\.data\.text_buckets"):
+        validate_config(config)
+    config = tiny.get_config()
+    config.model.num_heads = 5
+    with pytest.raises(ConfigError, match=r"num_heads"):
+        validate_config(config)
+
+
+def _env(devices=8):
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["HF_HUB_OFFLINE"] = "1"
+    env["PYTHONPATH"] = str(REPO)
+    return env
+
+
+def _train_command(workdir, *overrides):
+    return [
+        sys.executable,
+        str(REPO / "train.py"),
+        "--config",
+        str(REPO / "configs" / "tiny.py"),
+        "--workdir",
+        str(workdir),
+        *overrides,
+    ]
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("--config.loss.adverary=grl", "adverary"),  # typo in a key
+        ("--config.batch_size=big", "batch_size"),  # wrong type
+        ("--config.parallel=mpi", "config.parallel"),  # bad value
+    ],
+)
+def test_config_errors_fail_at_start_naming_the_key(tmp_path, override, expected):
+    result = subprocess.run(
+        _train_command(tmp_path / "w", override),
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    assert result.returncode != 0
+    assert expected in result.stderr
+    assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+RESUME_OVERRIDES = (
+    "--config.num_steps=24",  # 4 epochs of 6 batches: the resume crosses epoch boundaries
+    "--config.checkpoint_every_steps=4",
+    "--config.eval_every_steps=1000",
+    "--config.data.test_splits=()",
+)
+
+
+def _final_params(workdir):
+    _, variables, _, step = checkpointing.restore_for_eval(workdir, step="latest")
+    return step, jax.device_get(variables)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_parameters(tmp_path):
+    reference = tmp_path / "reference"
+    subprocess.run(
+        _train_command(reference, *RESUME_OVERRIDES, "--config.parallel=pmap"),
+        env=_env(),
+        check=True,
+        capture_output=True,
+        timeout=600,
+        cwd=REPO,
+    )
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(
+        _train_command(killed, *RESUME_OVERRIDES),
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=REPO,
+    )
+    deadline = time.time() + 600
+    while not (killed / "checkpoints" / "4").is_dir():  # finalised (renamed) checkpoint
+        assert process.poll() is None, "training exited before its first checkpoint"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    steps_at_kill = sorted(
+        int(p.name) for p in (killed / "checkpoints").iterdir() if p.name.isdigit()
+    )
+    assert steps_at_kill and steps_at_kill[-1] < 24
+    subprocess.run(
+        _train_command(killed, *RESUME_OVERRIDES),
+        env=_env(),
+        check=True,
+        capture_output=True,
+        timeout=600,
+        cwd=REPO,
+    )
+    step_a, params_a = _final_params(reference)
+    step_b, params_b = _final_params(killed)
+    assert step_a == step_b == 24
+    _assert_trees_close(params_b, params_a, atol=1e-6)
+    log = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == 24
+    assert json.loads((killed / "config.json").read_text())["num_steps"] == 24
