@@ -307,8 +307,9 @@ def test_gin_synced_batchnorm_across_devices_equals_single_device():
     Checks the forward pass, the running statistics, and the parameter gradient of a loss summed
     over all molecules (per-device gradients psum'd, shard_map with check_vma=False).
     """
-    model_single = GIN(num_layers=2, features=8)
-    model_synced = GIN(num_layers=2, features=8, axis_name="data")
+    # With the MLP's inner BatchNorm too, so that both BatchNorms are checked.
+    model_single = GIN(num_layers=2, features=8, mlp_batch_norm=True)
+    model_synced = GIN(num_layers=2, features=8, mlp_batch_norm=True, axis_name="data")
     # Uneven molecules per device (sizes 0..19 atoms), b = 2 pair slots per device.
     chunks = [
         [SMILES[0], SMILES[2]],
@@ -372,6 +373,11 @@ def test_gin_default_parameter_count(capsys):
     per_layer = d * sum(BOND_FEATURE_DIMS) + 1 + (d * 2 * d + 2 * d) + (2 * d * d + d) + 2 * d
     expected = d * sum(ATOM_FEATURE_DIMS) + 5 * per_layer
     got = count_params(shapes["params"])
+    with_mlp_norm = jax.eval_shape(
+        functools.partial(GIN(mlp_batch_norm=True).init, train=False), jax.random.key(0), graphs
+    )
     with capsys.disabled():
         print(f"\n[param count] GIN 5x300 (default): {got:,}")
     assert got == expected
+    assert count_params(with_mlp_norm["params"]) == expected + 5 * 2 * (2 * d)
+    assert set(with_mlp_norm["batch_stats"]["conv_0"]["mlp_norm"]) == {"mean", "var"}

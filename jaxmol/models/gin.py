@@ -1,15 +1,18 @@
 """GIN molecule tower over OGB-style integer atom and bond features (jraph graphs).
 
-The GIN variant of MoleculeSTM / MoMu (OGB's `GINConv` with edge features, Hu et al. 2020):
+The GIN of MoleculeSTM's `GNN` (OGB's `GINConv` with edge features, Hu et al. 2020):
 
     h⁰_i   = Σ_c AtomEmbed_c(x_ic)                      (one table per atom feature column)
     m_i    = Σ_{j→i} ReLU(hˡ_j + Σ_c BondEmbedˡ_c(e_jic))
     hˡ⁺¹_i = Dropout(ReLU(BN(MLP((1 + εˡ)·hˡ_i + m_i))))  (no ReLU after the last layer)
-    MLP    = Dense(2d) → ReLU → Dense(d)   (PyTorch-default Linear init)
+    MLP    = Dense(2d) → [BN] → ReLU → Dense(d)   (PyTorch-default Linear init)
 
 ε is a learnable scalar initialised to 0 (as `self.eps = Parameter([0])` in OGB's GINConv); with
-`learn_eps=False` it is the constant 0. Unlike OGB's GINConv there is no BatchNorm *inside* the
-MLP: the layer-level BatchNorm after the MLP is the one of MoleculeSTM/MoMu's GNN loop. JK = 'last'.
+`learn_eps=False` it is the constant 0. JK = 'last'. Embedding tables are xavier-uniform.
+
+The BatchNorm inside the MLP ([BN], `mlp_batch_norm`) is in OGB's and MoleculeSTM's GINConv but
+off by default here (the project's design: MLP = Dense(2d) → ReLU → Dense(d)); turn it on to match
+MoleculeSTM's layer exactly, e.g. to import its pretrained GIN.
 
 Padding (jraph `pad_with_graphs` layout): BatchNorm statistics use real nodes only, padding edges
 send no message, and padding node states are zero after every layer, so nothing about the padding
@@ -81,6 +84,8 @@ class GINLayer(nn.Module):
     features: int
     bond_vocab_sizes: Sequence[int]
     learn_eps: bool = True
+    mlp_batch_norm: bool = False
+    axis_name: str | None = None
 
     @nn.compact
     def __call__(
@@ -89,7 +94,10 @@ class GINLayer(nn.Module):
         edge_codes: jax.Array,
         senders: jax.Array,
         receivers: jax.Array,
+        node_mask: jax.Array,
         edge_mask: jax.Array,
+        *,
+        train: bool,
     ) -> jax.Array:
         """One layer.
 
@@ -97,7 +105,9 @@ class GINLayer(nn.Module):
           node_states: [N, d].
           edge_codes: int [E, C] bond features.
           senders, receivers: int [E].
+          node_mask: bool [N], False on padding nodes.
           edge_mask: bool [E], False on padding edges.
+          train: batch statistics (True) or running statistics of the MLP's BatchNorm.
 
         Returns:
           [N, d].
@@ -115,6 +125,10 @@ class GINLayer(nn.Module):
             eps = 0.0
         hidden = (1.0 + eps) * node_states + aggregated
         hidden = TorchDense(2 * self.features, name="mlp_0")(hidden)
+        if self.mlp_batch_norm:
+            hidden = MaskedBatchNorm(axis_name=self.axis_name, name="mlp_norm")(
+                hidden, node_mask, use_running_average=not train
+            )
         hidden = nn.relu(hidden)
         return TorchDense(self.features, name="mlp_1")(hidden)
 
@@ -127,6 +141,7 @@ class GIN(nn.Module):
       features: node state width d (default 300).
       dropout_rate: dropout after each layer in training (default 0, as MoMu).
       learn_eps: learnable ε (init 0) or the constant 0.
+      mlp_batch_norm: BatchNorm between the two Dense layers of each MLP (MoleculeSTM/OGB).
       atom_vocab_sizes: vocabulary size per atom feature column (default OGB's 9 columns).
       bond_vocab_sizes: vocabulary size per bond feature column (default OGB's 3 columns).
       axis_name: device axis to sync BatchNorm statistics over (None: one device).
@@ -136,6 +151,7 @@ class GIN(nn.Module):
     features: int = 300
     dropout_rate: float = 0.0
     learn_eps: bool = True
+    mlp_batch_norm: bool = False
     atom_vocab_sizes: Sequence[int] = ()
     bond_vocab_sizes: Sequence[int] = ()
     axis_name: str | None = None
@@ -160,8 +176,21 @@ class GIN(nn.Module):
         states = CategoricalEmbedding(atom_dims, self.features, name="atom")(graphs.nodes)
         states = jnp.where(node_mask[:, None], states, 0.0)  # [N, d]
         for layer in range(self.num_layers):
-            states = GINLayer(self.features, bond_dims, self.learn_eps, name=f"conv_{layer}")(
-                states, graphs.edges, graphs.senders, graphs.receivers, edge_mask
+            states = GINLayer(
+                self.features,
+                bond_dims,
+                learn_eps=self.learn_eps,
+                mlp_batch_norm=self.mlp_batch_norm,
+                axis_name=self.axis_name,
+                name=f"conv_{layer}",
+            )(
+                states,
+                graphs.edges,
+                graphs.senders,
+                graphs.receivers,
+                node_mask,
+                edge_mask,
+                train=train,
             )
             states = MaskedBatchNorm(axis_name=self.axis_name, name=f"norm_{layer}")(
                 states, node_mask, use_running_average=not train

@@ -57,6 +57,7 @@ class ModelConfig:
       bert: the text tower's `BertConfig` (must match the imported weights).
       mol_encoder: 'gin' (OGB features, default) or 'gcn_mol2vec' (official GCN on mol2vec rows).
       gin_layers, gin_dim, gin_dropout, gin_learn_eps: GIN depth, width, dropout rate, learnable ε.
+      gin_mlp_batch_norm: BatchNorm inside each GIN MLP (as MoleculeSTM's GINConv; off by default).
       gcn_hidden, gcn_layers: width and depth of the official GCN.
       mol2vec_table: path of the mol2vec table for the GCN (None: the shipped one).
       embed_dim: d, the width of the shared space (300).
@@ -78,6 +79,7 @@ class ModelConfig:
     gin_dim: int = 300
     gin_dropout: float = 0.0
     gin_learn_eps: bool = True
+    gin_mlp_batch_norm: bool = False
     gcn_hidden: int = 600
     gcn_layers: int = 3
     mol2vec_table: str | None = None
@@ -188,6 +190,7 @@ class RetrievalModel(nn.Module):
                 features=cfg.gin_dim,
                 dropout_rate=cfg.gin_dropout,
                 learn_eps=cfg.gin_learn_eps,
+                mlp_batch_norm=cfg.gin_mlp_batch_norm,
                 axis_name=cfg.axis_name,
             )
         else:
