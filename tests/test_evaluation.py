@@ -1,0 +1,257 @@
+"""Evaluation: sentence splitting and scores, protocol pools, evaluate.py end to end.
+
+One tiny model is trained (one step) per session on 8 fake devices (`trained_workdir`);
+evaluate.py then restores it in a subprocess that sees a single device.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jaxmol import evaluation
+from jaxmol import metrics as metrics_lib
+
+ROOT = Path(__file__).resolve().parents[1]
+MAX_PAIRS = 24
+
+
+# ----------------------------------------------------------------------------------------------
+# No model.
+
+
+def test_split_sentences_drops_short_pieces_while_more_than_one_remains():
+    paragraph = (
+        "The molecule is a beta-diketone found in plants. It is red. "
+        "It is a conjugate acid of an anion."
+    )
+    assert evaluation.split_sentences(paragraph) == [
+        "The molecule is a beta-diketone found in plants",
+        "It is a conjugate acid of an anion",
+    ]
+    # All pieces short: the longest one survives (the others go shortest first).
+    assert evaluation.split_sentences("Tiny. A bit longer.") == ["A bit longer"]
+    # No '.': the paragraph is its own sentence, however short.
+    assert evaluation.split_sentences("Benzene") == ["Benzene"]
+    # Fields are counted as the official code counts them: split(' ') on the raw piece, so the
+    # space after a '.' is a field ("x. a b c d" -> " a b c d" has 5 fields and stays).
+    assert evaluation.split_sentences("Five words are right here. a b c d") == [
+        "Five words are right here",
+        "a b c d",
+    ]
+    assert evaluation.split_sentences("Five words are right here.a b c d") == [
+        "Five words are right here"
+    ]
+
+
+def test_sentence_scores_are_mean_cosines():
+    rng = np.random.default_rng(0)
+    sentence_emb = rng.normal(size=(7, 5))  # [S, d]
+    mol_emb = rng.normal(size=(3, 5))  # [M, d]
+    sentence_paragraph = np.array([0, 0, 1, 2, 2, 2, 1])
+    _, scores = evaluation.sentence_paragraph_scores(sentence_emb, sentence_paragraph, mol_emb)
+
+    def cosine(a, b):
+        return a @ b / np.linalg.norm(a) / np.linalg.norm(b)
+
+    expected = np.array(
+        [
+            [
+                np.mean([cosine(s, m) for s in sentence_emb[sentence_paragraph == p]])
+                for m in mol_emb
+            ]
+            for p in range(3)
+        ]
+    )
+    np.testing.assert_allclose(scores, expected, atol=1e-6)
+
+
+def test_momu_metrics_from_scores_match_embedding_version():
+    rng = np.random.default_rng(1)
+    text_emb = rng.normal(size=(23, 4)).astype(np.float32)
+    mol_emb = text_emb + rng.normal(scale=1.5, size=(23, 4)).astype(np.float32)
+    from_emb = evaluation.momu_metrics_from_embeddings(text_emb, mol_emb, inbatch_size=8)
+    scores = evaluation._unit_rows(text_emb) @ evaluation._unit_rows(mol_emb).T  # [N, N]
+    from_scores = evaluation.momu_metrics_from_scores(scores, inbatch_size=8)
+    for direction in ("t2m", "m2t"):
+        assert from_emb[direction] == from_scores[direction]
+        assert 0 < from_emb[direction]["inbatch_acc@8"] < 1
+    # In-batch accuracy only counts candidates of the query's own batch.
+    assert from_emb["t2m"]["inbatch_acc@8"] >= from_emb["t2m"]["hits@1"]
+    assert from_emb["t2m"]["recall@20"] == from_emb["t2m"]["hits@20"]
+
+
+def test_check_protocol_rejects_unknown_and_misapplied_protocols():
+    with pytest.raises(evaluation.ProtocolError, match="unknown protocol"):
+        evaluation.check_protocol("pcdes/test", "inbatch")
+    with pytest.raises(evaluation.ProtocolError, match="chebi20/test"):
+        evaluation.check_protocol("pcdes/test", "text2mol")
+    evaluation.check_protocol("chebi20/validation", "text2mol")
+
+
+# ----------------------------------------------------------------------------------------------
+# A tiny trained model.
+
+
+@pytest.fixture(scope="session")
+def trained_workdir(tmp_path_factory):
+    """A tiny model trained 1 step on 8 fake devices (no validation: best = latest)."""
+    from configs import tiny
+    from jaxmol import train_lib
+
+    config = tiny.get_config()
+    config.data.val_split = ""
+    config.data.max_train_pairs = 32
+    config.data.max_eval_pairs = 8
+    config.data.test_splits = ()
+    config.num_steps = 1
+    config.checkpoint_every_steps = 1
+    workdir = tmp_path_factory.mktemp("tiny_eval")
+    train_lib.train_and_evaluate(config, str(workdir))
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def restored(trained_workdir):
+    """(8-device embedder, variables, encoder, step) of the trained workdir."""
+    from jaxmol import checkpointing
+    from jaxmol.parallel import DataParallel, select_devices
+
+    model, variables, config, step = checkpointing.restore_for_eval(trained_workdir)
+    embedder = evaluation.Embedder(model, DataParallel("shard_map", select_devices(-1)))
+    return embedder, variables, evaluation.SplitEncoder.from_config(config), step
+
+
+def _write_tsv(path: Path) -> Path:
+    """Nine pairs from PCdes test plus one unparsable SMILES (id 'bad')."""
+    from jaxmol.data import datasets
+
+    source = datasets.load_split("pcdes/test")
+    rows = [r for r, i in enumerate(source.ids) if i != "12073"][:9]
+    lines = ["id\tsmiles\tdescription"]
+    lines += [f"m{r}\t{source.smiles[r]}\t{source.texts[r]}" for r in rows[:4]]
+    lines.append("bad\tC1CC(\tThis molecule cannot be parsed. It has an open ring bond.")
+    lines += [f"m{r}\t{source.smiles[r]}\t{source.texts[r]}" for r in rows[4:]]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.slow
+def test_protocol_pools_and_query_counts(restored, tmp_path):
+    embedder, variables, encoder, step = restored
+    split_name = f"tsv:{_write_tsv(tmp_path / 'pairs.tsv')}"
+    common = dict(encode=encoder, batch_size=4, workdir=tmp_path, checkpoint_step=step)
+
+    reports = {
+        protocol: evaluation.evaluate_split(
+            embedder, variables, split_name, protocol=protocol, inbatch_size=4, **common
+        )
+        for protocol in ("pool", "momu", "momu_sentence")
+    }
+    for protocol, report in reports.items():
+        for direction in ("t2m", "m2t"):
+            assert report[direction]["pool_size"] == 9, protocol
+            assert report[direction]["num_queries"] == 9, protocol
+        assert [s["id"] for s in report["skipped"]] == ["bad"]
+        stored = np.load(tmp_path / "eval" / f"{evaluation.result_stem(split_name, protocol)}.npz")
+        assert "bad" not in stored["mol_ids"] and len(stored["text_ids"]) == 9
+    assert "inbatch_acc@4" in reports["momu"]["t2m"]
+    assert "inbatch_acc@4" not in reports["pool"]["t2m"]
+    # Same embeddings, same pool: the momu full-pool numbers are the pool protocol's.
+    assert reports["momu"]["t2m"]["mrr"] == reports["pool"]["t2m"]["mrr"]
+    rows = [line.split("\t") for line in (tmp_path / "pairs.tsv").read_text().splitlines()[1:]]
+    expected_sentences = sum(len(evaluation.split_sentences(t)) for i, _, t in rows if i != "bad")
+    assert reports["momu_sentence"]["num_sentences"] == expected_sentences > 9
+
+    # text2mol on the first 5 rows of each ChEBI-20 split: 3 molecule splits, 2 text splits.
+    report = evaluation.evaluate_split(
+        embedder, variables, "chebi20/test", protocol="text2mol", max_pairs=5, **common
+    )
+    assert report["t2m"]["num_queries"] == report["m2t"]["num_queries"] == 5
+    assert report["t2m"]["pool_size"] == 15
+    assert report["t2m_pool_splits"] == list(evaluation.TEXT2MOL_MOLECULE_SPLITS)
+    has_train = "chebi20/train" in evaluation.text2mol_text_splits()
+    assert report["m2t"]["pool_size"] == (15 if has_train else 10)
+    stored = np.load(tmp_path / "eval" / "chebi20_test__text2mol.npz")
+    assert sorted(set(stored["mol_split"])) == sorted(evaluation.TEXT2MOL_MOLECULE_SPLITS)
+    assert set(stored["query_ids"]) <= set(stored["text_ids"]) & set(stored["mol_ids"])
+
+
+def test_evaluate_checkpoint_errors_are_clear(tmp_path, trained_workdir):
+    from jaxmol.checkpointing import CheckpointError
+    from jaxmol.data.datasets import DataError
+
+    with pytest.raises(CheckpointError, match="no checkpoints"):
+        evaluation.evaluate_checkpoint(tmp_path / "missing", "pcdes/test")
+    with pytest.raises(DataError, match="unknown split"):
+        evaluation.evaluate_checkpoint(trained_workdir, "pcdes/tset")
+    with pytest.raises(CheckpointError, match="no checkpoint at step 7"):
+        evaluation.evaluate_checkpoint(trained_workdir, "pcdes/test", step=7)
+
+
+def _recompute(stored) -> dict:
+    """Full-pool metrics from the .npz alone, by brute force (independent of jaxmol.metrics)."""
+
+    def unit(x):
+        x = x.astype(np.float64)
+        return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+    assert list(stored["text_ids"]) == list(stored["mol_ids"])
+    text, mol = unit(stored["text_emb"]), unit(stored["mol_emb"])  # [N, d] each
+    out = {}
+    for direction, (queries, candidates) in (("t2m", (text, mol)), ("m2t", (mol, text))):
+        matrix = queries @ candidates.T  # [N, N] float32 cosines, pair i on the diagonal
+        gold = np.diag(matrix)
+        ranks = np.array([1 + np.sum(row > g) for row, g in zip(matrix, gold, strict=True)])
+        out[direction] = {
+            "hits@1": np.mean(ranks <= 1),
+            "hits@10": np.mean(ranks <= 10),
+            "mrr": np.mean(1 / ranks),
+            "mean_rank": np.mean(ranks),
+            "pool_size": matrix.shape[1],
+            "num_queries": matrix.shape[0],
+        }
+    return out
+
+
+@pytest.mark.slow
+def test_evaluate_cli_on_one_device_matches_eight_devices(trained_workdir, tmp_path):
+    # 8 devices, in process.
+    eight = evaluation.evaluate_checkpoint(
+        trained_workdir, "pcdes/test", batch_size=8, max_pairs=MAX_PAIRS
+    )
+    json_path = trained_workdir / eight["files"]["json"]
+    npz_path = trained_workdir / eight["files"]["npz"]
+    assert json_path.name == "pcdes_test__pool.json"
+    shutil.copy(npz_path, tmp_path / "eight.npz")
+
+    # 1 device, through the CLI.
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    command = [sys.executable, str(ROOT / "evaluate.py"), f"--workdir={trained_workdir}"]
+    command += ["--split=pcdes/test", "--protocol=pool", "--batch_size=6"]
+    command += [f"--max_pairs={MAX_PAIRS}"]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "pcdes/test" in done.stdout and "t2m" in done.stdout and "m2t" in done.stdout
+
+    one = json.loads(json_path.read_text())
+    assert one["checkpoint_step"] == eight["checkpoint_step"] == 1
+    assert one["protocol"] == "pool" and one["split"] == "pcdes/test"
+    assert one["tie_policy"] == metrics_lib.TIE_POLICY
+    stored_one, stored_eight = np.load(npz_path), np.load(tmp_path / "eight.npz")
+    np.testing.assert_array_equal(stored_one["text_ids"], stored_eight["text_ids"])
+    for key in ("text_emb", "mol_emb"):
+        np.testing.assert_allclose(stored_one[key], stored_eight[key], atol=1e-5)
+    for direction in ("t2m", "m2t"):
+        for key, value in one[direction].items():
+            if isinstance(value, float):
+                assert value == pytest.approx(eight[direction][key], abs=1e-5), key
+        recomputed = _recompute(stored_one)[direction]
+        for key, value in recomputed.items():
+            assert one[direction][key] == pytest.approx(value, abs=1e-9), (direction, key)
+        assert one[direction]["num_queries"] == MAX_PAIRS - one["num_skipped"]
