@@ -16,14 +16,12 @@ import json
 import logging
 import math
 import os
-import re
 import signal
 import time
 from pathlib import Path
 from typing import Any
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import jraph
@@ -665,29 +663,45 @@ def _save(checkpointer, step, runner, state, position, resolved, val_metrics) ->
     )
 
 
-_RESUME_SECTIONS = ("model", "loss", "optim", "batch_size", "seed", "data")
+# Settings that may change between a run and its resumption (they do not affect training).
+_RESUME_FREE_KEYS = {
+    "data.prefetch",
+    "data.test_splits",
+    "data.max_eval_pairs",
+    "data.cache_dir",
+    "log_every_steps",
+    "eval_every_steps",
+    "checkpoint_every_steps",
+    "keep_checkpoints",
+    "eval_batch_size",
+    "parallel",
+    "num_devices",
+    "distributed",
+}
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
 
 
 def _check_resume_compatible(saved: dict, current: dict) -> None:
-    """A workdir resumes only with the same model, loss, optimiser, data and batch settings."""
-    differences = []
-    for section in _RESUME_SECTIONS:
-        if saved.get(section) != current.get(section):
-            if isinstance(current.get(section), dict):
-                keys = set(saved.get(section, {})) | set(current[section])
-                differences += [
-                    f"{section}.{k}: {saved.get(section, {}).get(k)!r} -> {current[section].get(k)!r}"
-                    for k in sorted(keys)
-                    if saved.get(section, {}).get(k) != current[section].get(k)
-                    and k not in ("prefetch", "test_splits", "max_eval_pairs", "cache_dir")
-                ]
-            else:
-                differences.append(f"{section}: {saved.get(section)!r} -> {current.get(section)!r}")
+    """A workdir resumes only with the same model, loss, optimiser, data and schedule; device
+    count, parallel mode and logging cadence may change."""
+    old, new = _flatten(saved), _flatten(current)
+    differences = [
+        f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
+        for key in sorted(old.keys() | new.keys())
+        if key not in _RESUME_FREE_KEYS and old.get(key) != new.get(key)
+    ]
     if differences:
         raise checkpointing.CheckpointError(
             "the workdir holds a checkpoint of a different run; use another --workdir or the "
             "same config. Differences: " + "; ".join(differences)
         )
-
-
-_ = re, nn  # (kept for type references in docs)
