@@ -1,0 +1,89 @@
+"""Times the fused train step (compile and steady state) on real PCdes batches.
+
+    python bench/bench_train_step.py --config configs/quickstart.py --lengths 64,128 \
+        [--config.optim.freeze_bert_layers=3] [--steps 5]
+
+For each text length bucket it builds one batch of `batch_size` PCdes train pairs whose texts
+fit that bucket, compiles the step (first call) and reports the median of `--steps` further
+calls. Numbers depend on the machine load: run it on an idle machine.
+"""
+
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import jax  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from jaxmol import train_lib  # noqa: E402
+from jaxmol.data.batching import PairBatcher, encode_split  # noqa: E402
+from jaxmol.data.datasets import load_split  # noqa: E402
+from jaxmol.data.tokenize import load_tokenizer  # noqa: E402
+from jaxmol.models.retrieval import RetrievalModel  # noqa: E402
+from jaxmol.parallel import DataParallel, select_devices  # noqa: E402
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", "configs/quickstart.py", "Run config.", lock_config=True)
+flags.DEFINE_string("lengths", "64,128", "Text buckets to time.")
+flags.DEFINE_integer("steps", 5, "Timed steps per bucket after the compiling call.")
+
+
+def main(argv):
+    del argv
+    config = FLAGS.config
+    runner = DataParallel(config.parallel, select_devices(config.num_devices))
+    tokenizer = load_tokenizer(
+        train_lib.text_model_dir(config), max_length=config.data.max_text_length
+    )
+    split = encode_split(load_split("pcdes/train"), tokenizer, on_invalid="skip")
+    batcher = PairBatcher(
+        split,
+        batch_size=config.batch_size,
+        num_devices=runner.num_devices,
+        text_buckets=config.data.text_buckets,
+        single_graph_budget=config.data.single_graph_budget,
+    )
+    model = RetrievalModel(train_lib.model_config_for(config))
+    lengths = split.tokens.lengths
+    first = batcher.make_batch(split.rows[: config.batch_size])
+    state, tx, critic_tx = train_lib.init_state(
+        config, model, jax.tree.map(lambda x: x[0], first), total_steps=10_000
+    )
+    step = runner.run(
+        train_lib.make_train_step(config, model, tx, critic_tx),
+        replicated_args=(0,),
+        out_kinds=("replicated", "replicated"),
+        donate_argnums=(0,),
+    )
+    state = runner.replicate(state)
+    print(f"devices={runner.num_devices} batch={config.batch_size} "
+          f"freeze_bert_layers={config.optim.freeze_bert_layers}")
+    for bucket in (int(x) for x in FLAGS.lengths.split(",")):
+        smaller = [b for b in config.data.text_buckets if b < bucket]
+        low = max(smaller) if smaller else 0
+        rows = [r for r in split.rows if low < lengths[r] <= bucket][: config.batch_size]
+        batch = runner.shard(batcher.make_batch(rows))
+        start = time.perf_counter()
+        state, metrics = step(state, batch)
+        jax.block_until_ready(metrics["loss"])
+        compile_s = time.perf_counter() - start
+        times = []
+        for _ in range(FLAGS.steps):
+            start = time.perf_counter()
+            state, metrics = step(state, batch)
+            jax.block_until_ready(metrics["loss"])
+            times.append(time.perf_counter() - start)
+        print(
+            f"L={bucket:4d} nodes={batch['graphs'].nodes.shape[-2]:6d} "
+            f"first call {compile_s:6.1f} s  step median {statistics.median(times):6.2f} s "
+            f"(min {min(times):.2f})  pairs/s {config.batch_size / statistics.median(times):.1f}"
+        )
+
+
+if __name__ == "__main__":
+    app.run(main)
