@@ -93,6 +93,7 @@ def model_config_for(
     m = config.model
     return ModelConfig(
         bert=bert_config_for(config),
+        bert_frozen_layers=config.optim.freeze_bert_layers,
         mol_encoder=m.mol_encoder,
         gin_layers=m.gin_layers,
         gin_dim=m.gin_dim,
@@ -132,6 +133,8 @@ def param_labels(params: Any, config: ml_collections.ConfigDict) -> Any:
             return "bert"
         if names[0] == "discriminator" and wgan:
             return "critic"
+        if names[-1] == "mol2vec_table":  # a fixed lookup table, never trained
+            return "frozen"
         return "rest"
 
     return jax.tree_util.tree_map_with_path(label, params)

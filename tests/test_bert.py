@@ -278,3 +278,21 @@ def test_torch_checkpoint_without_torch_is_a_clear_error(tmp_path, model_dir):
     (tmp_path / "m" / "pytorch_model.bin").write_bytes(b"not read")
     with pytest.raises(ImportError, match="needs torch"):
         bert.load_pretrained(str(tmp_path / "m"))
+
+
+def test_frozen_layers_get_no_gradient_and_change_no_output():
+    module, params, ids, mask = _small_model()
+    frozen = bert.BertEncoder(module.config, frozen_layers=1)
+
+    def loss(p, encoder):
+        return jnp.sum(encoder.apply({"params": p}, ids, mask) ** 2)
+
+    np.testing.assert_array_equal(
+        module.apply({"params": params}, ids, mask), frozen.apply({"params": params}, ids, mask)
+    )
+    grads = jax.grad(loss)(params, frozen)
+    assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(grads["embeddings"]))
+    assert all(float(jnp.abs(g).max()) == 0 for g in jax.tree.leaves(grads["layer_0"]))
+    assert float(jnp.abs(grads["layer_1"]["output"]["kernel"]).max()) > 0
+    full = jax.grad(loss)(params, module)
+    assert float(jnp.abs(full["layer_0"]["output"]["kernel"]).max()) > 0

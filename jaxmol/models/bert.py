@@ -254,10 +254,14 @@ class BertEncoder(nn.Module):
     Attributes:
       config: model sizes, dropout rates and LayerNorm epsilon.
       dtype: computation dtype (parameters stay float32); softmax always runs in float32.
+      frozen_layers: k > 0 stops gradients below the output of layer k - 1 (the embeddings and
+        the bottom k layers), so their backward pass is never computed. Pair it with an
+        optimiser that does not update those parameters.
     """
 
     config: BertConfig
     dtype: Any = jnp.float32
+    frozen_layers: int = 0
 
     @nn.compact
     def __call__(self, input_ids, attention_mask, token_type_ids=None, *, deterministic=True):
@@ -292,6 +296,8 @@ class BertEncoder(nn.Module):
             x = BertLayer(self.config, self.dtype, name=f"layer_{i}")(
                 x, key_mask, deterministic=deterministic
             )
+            if i == self.frozen_layers - 1:
+                x = jax.lax.stop_gradient(x)
         return x
 
 

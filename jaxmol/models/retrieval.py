@@ -55,6 +55,7 @@ class ModelConfig:
 
     Attributes:
       bert: the text tower's `BertConfig` (must match the imported weights).
+      bert_frozen_layers: no gradient flows into the BERT embeddings and bottom k layers.
       mol_encoder: 'gin' (OGB features, default) or 'gcn_mol2vec' (official GCN on mol2vec rows).
       gin_layers, gin_dim, gin_dropout, gin_learn_eps: GIN depth, width, dropout rate, learnable ε.
       gin_mlp_batch_norm: BatchNorm inside each GIN MLP (as MoleculeSTM's GINConv; off by default).
@@ -74,6 +75,7 @@ class ModelConfig:
     """
 
     bert: BertConfig = MINILM_BERT_CONFIG
+    bert_frozen_layers: int = 0
     mol_encoder: str = "gin"
     gin_layers: int = 5
     gin_dim: int = 300
@@ -183,7 +185,7 @@ class RetrievalModel(nn.Module):
 
     def setup(self):
         cfg = self.config
-        self.txt = BertEncoder(cfg.bert)
+        self.txt = BertEncoder(cfg.bert, frozen_layers=cfg.bert_frozen_layers)
         if cfg.mol_encoder == "gin":
             self.mol = GIN(
                 num_layers=cfg.gin_layers,
