@@ -19,9 +19,9 @@ def get_config():
     config.optim.freeze_bert_layers = 3
     config.optim.warmup_steps = 50
     config.optim.decay_ends_warmup_early = False
-    config.num_steps = 500
+    config.num_steps = 600
     config.log_every_steps = 10
-    config.eval_every_steps = 250
+    config.eval_every_steps = 300
     config.checkpoint_every_steps = 100
     config.eval_batch_size = 128
     return config
