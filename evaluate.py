@@ -53,6 +53,9 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.getLogger().setLevel(logging.INFO)
+    # Our progress at INFO; orbax (absl logger) and JAX internals only when something is wrong.
+    logging.getLogger("absl").setLevel(logging.WARNING)
+    logging.getLogger("jax").setLevel(logging.WARNING)
     try:
         report = evaluation.evaluate_checkpoint(
             FLAGS.workdir,

@@ -438,11 +438,18 @@ def _json_ready(value: Any) -> Any:
 
 
 class MetricsLog:
-    """Appends one JSON object per line to workdir/metrics.jsonl."""
+    """Appends one JSON object per line to workdir/metrics.jsonl, and writes TensorBoard
+    scalars to workdir/tensorboard when the optional `tensorboardX` package is installed."""
 
     def __init__(self, path: Path):
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError:
+            self._tensorboard = None
+        else:
+            self._tensorboard = SummaryWriter(str(path.parent / "tensorboard"))
 
     def write(self, step: int, values: dict) -> None:
         record = {
@@ -452,6 +459,11 @@ class MetricsLog:
         }
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        if self._tensorboard is not None:
+            for key, value in record.items():
+                if key not in ("step", "time") and isinstance(value, float):
+                    self._tensorboard.add_scalar(key, value, int(step))
+            self._tensorboard.flush()
 
 
 def _to_float(value: Any) -> Any:

@@ -220,8 +220,35 @@ def _final_params(workdir):
     return step, jax.device_get(variables)
 
 
+def _checkpoint_steps(workdir):
+    directory = workdir / "checkpoints"
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())  # finalised
+
+
+def _run_until_checkpoint_then_signal(workdir, after_step, sig):
+    """Starts training, waits for a finalised checkpoint beyond `after_step`, sends `sig`."""
+    process = subprocess.Popen(
+        _train_command(workdir, *RESUME_OVERRIDES),
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+    deadline = time.time() + 600
+    while not [s for s in _checkpoint_steps(workdir) if s > after_step]:
+        assert process.poll() is None, "training exited before the checkpoint"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    process.send_signal(sig)
+    _, stderr = process.communicate(timeout=300)
+    return process.returncode, stderr
+
+
 @pytest.mark.slow
-def test_killed_run_resumes_to_the_same_parameters(tmp_path):
+def test_interrupted_and_killed_run_resumes_to_the_same_parameters(tmp_path):
     reference = tmp_path / "reference"
     subprocess.run(
         _train_command(reference, *RESUME_OVERRIDES, "--config.parallel=pmap"),
@@ -231,27 +258,18 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path):
         timeout=600,
         cwd=REPO,
     )
-    killed = tmp_path / "killed"
-    process = subprocess.Popen(
-        _train_command(killed, *RESUME_OVERRIDES),
-        env=_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        cwd=REPO,
-    )
-    deadline = time.time() + 600
-    while not (killed / "checkpoints" / "4").is_dir():  # finalised (renamed) checkpoint
-        assert process.poll() is None, "training exited before its first checkpoint"
-        assert time.time() < deadline
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    assert process.wait() == -signal.SIGKILL
-    steps_at_kill = sorted(
-        int(p.name) for p in (killed / "checkpoints").iterdir() if p.name.isdigit()
-    )
-    assert steps_at_kill and steps_at_kill[-1] < 24
+    run = tmp_path / "run"
+    # Ctrl-C: the run finishes its step, saves a checkpoint there, and exits.
+    code, stderr = _run_until_checkpoint_then_signal(run, 0, signal.SIGINT)
+    assert code != 0 and "interrupted: saved a checkpoint at step" in stderr
+    interrupted_at = _checkpoint_steps(run)[-1]
+    assert interrupted_at < 24
+    # SIGKILL after the next checkpoint: nothing gets the chance to save.
+    code, _ = _run_until_checkpoint_then_signal(run, interrupted_at, signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    assert _checkpoint_steps(run)[-1] < 24
     subprocess.run(
-        _train_command(killed, *RESUME_OVERRIDES),
+        _train_command(run, *RESUME_OVERRIDES),
         env=_env(),
         check=True,
         capture_output=True,
@@ -259,9 +277,9 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path):
         cwd=REPO,
     )
     step_a, params_a = _final_params(reference)
-    step_b, params_b = _final_params(killed)
+    step_b, params_b = _final_params(run)
     assert step_a == step_b == 24
     _assert_trees_close(params_b, params_a, atol=1e-6)
-    log = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert log[-1]["step"] == 24
-    assert json.loads((killed / "config.json").read_text())["num_steps"] == 24
+    assert json.loads((run / "config.json").read_text())["num_steps"] == 24
