@@ -579,11 +579,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             window_pairs += int(batch["pair_mask"].sum())
             pending.append((step, metrics))
             last_of_run = step == total_steps
-            # Blocking regularly also avoids a known shard_map dispatch deadlock on CPU.
-            if len(pending) >= min(config.log_every_steps, 8) or last_of_run:
+            log_now = step % config.log_every_steps == 0 or last_of_run
+            # Fetching (blocking) at least every 8 steps also avoids a known shard_map dispatch
+            # deadlock on CPU.
+            if len(pending) >= 8 or log_now:
                 host = _check_finite(pending, runner)
                 pending = []
-                if step % config.log_every_steps == 0 or last_of_run:
+                if log_now:
                     elapsed = time.perf_counter() - window_start
                     record = {**host, "pairs_per_s": window_pairs / max(elapsed, 1e-9)}
                     record["lr"] = float(
