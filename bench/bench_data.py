@@ -14,12 +14,12 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import app, flags
 
-from jaxmol.data.batching import PairBatcher, encode_split, padding_fractions  # noqa: E402
-from jaxmol.data.datasets import load_split  # noqa: E402
-from jaxmol.data.featurize import featurize_split  # noqa: E402
-from jaxmol.data.tokenize import load_tokenizer  # noqa: E402
+from jaxmol.data.batching import PairBatcher, encode_split, padding_fractions
+from jaxmol.data.datasets import load_split
+from jaxmol.data.featurize import featurize_split
+from jaxmol.data.tokenize import load_tokenizer
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("batch_size", 32, "Pairs per batch.")
@@ -39,9 +39,11 @@ def main(argv):
         cached = featurize_split(dataset.ids, dataset.smiles, on_invalid="skip", cache_dir=cache)
         warm = time.perf_counter() - start
         assert cached.cache_hit
-        print(f"featurise PCdes train: {len(dataset)} molecules in {cold:.2f} s "
-              f"({len(dataset) / cold:.0f} molecules/s); cache-hit load {warm:.3f} s; "
-              f"skipped ids {list(cached.skipped_ids)}")
+        print(
+            f"featurise PCdes train: {len(dataset)} molecules in {cold:.2f} s "
+            f"({len(dataset) / cold:.0f} molecules/s); cache-hit load {warm:.3f} s; "
+            f"skipped ids {list(cached.skipped_ids)}"
+        )
 
         tokenizer = load_tokenizer(max_length=FLAGS.max_length)
         split = encode_split(dataset, tokenizer, on_invalid="skip", cache_dir=cache)

@@ -16,16 +16,16 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import jax  # noqa: E402
-from absl import app, flags  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+import jax
+from absl import app, flags
+from ml_collections import config_flags
 
-from jaxmol import train_lib  # noqa: E402
-from jaxmol.data.batching import PairBatcher, encode_split  # noqa: E402
-from jaxmol.data.datasets import load_split  # noqa: E402
-from jaxmol.data.tokenize import load_tokenizer  # noqa: E402
-from jaxmol.models.retrieval import RetrievalModel  # noqa: E402
-from jaxmol.parallel import DataParallel, select_devices  # noqa: E402
+from jaxmol import train_lib
+from jaxmol.data.batching import PairBatcher, encode_split
+from jaxmol.data.datasets import load_split
+from jaxmol.data.tokenize import load_tokenizer
+from jaxmol.models.retrieval import RetrievalModel
+from jaxmol.parallel import DataParallel, select_devices
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/quickstart.py", "Run config.", lock_config=True)
@@ -61,8 +61,10 @@ def main(argv):
         donate_argnums=(0,),
     )
     state = runner.replicate(state)
-    print(f"devices={runner.num_devices} batch={config.batch_size} "
-          f"freeze_bert_layers={config.optim.freeze_bert_layers}")
+    print(
+        f"devices={runner.num_devices} batch={config.batch_size} "
+        f"freeze_bert_layers={config.optim.freeze_bert_layers}"
+    )
     for bucket in (int(x) for x in FLAGS.lengths.split(",")):
         smaller = [b for b in config.data.text_buckets if b < bucket]
         low = max(smaller) if smaller else 0

@@ -606,7 +606,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         if interrupted:
             if pending:
                 _check_finite(pending, runner)
-            _save(checkpointer, step, runner, state, position, resolved, val_metrics)
+            if checkpointer.latest_step() != step:  # not saved by the loop already
+                _save(checkpointer, step, runner, state, position, resolved, val_metrics)
             checkpointer.close()
             logger.warning("interrupted: saved a checkpoint at step %d", step)
             raise KeyboardInterrupt

@@ -2,7 +2,6 @@
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 from configs import tiny
@@ -23,9 +23,6 @@ from jaxmol.models.retrieval import RetrievalModel
 from jaxmol.parallel import DataParallel, select_devices
 
 REPO = Path(__file__).resolve().parents[1]
-PRE_BATCHNORM_BIAS = re.compile(
-    r"\['head'\]\['linear'\]\['bias'\]|\['mol'\]\['conv_\d+'\]\['mlp_1'\]\['bias'\]"
-)
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +36,12 @@ def small_split(tmp_path_factory):
 
 
 def _three_steps(config, split, mode, num_devices):
-    """Three train steps on the same global batch of 16 (13 real pairs + 3 masked); the first
-    runs at learning rate 0 (warm-up starts at 0)."""
+    """Three train steps on the same global batch of 16 (13 real pairs + 3 masked).
+
+    Plain SGD replaces Adam here: Adam's first updates are close to lr·sign(g), so elements
+    whose true gradient is 0 (biases right before a BatchNorm) would move by ±lr on rounding
+    noise and hide the comparison. The runners must agree whatever the optimiser.
+    """
     runner = DataParallel(mode, select_devices(num_devices))
     batcher = PairBatcher(
         split, batch_size=16, num_devices=num_devices, shuffle=False, text_buckets=(64,)
@@ -48,7 +49,9 @@ def _three_steps(config, split, mode, num_devices):
     batch = batcher.make_batch(split.rows[:13])
     model = RetrievalModel(train_lib.model_config_for(config))
     chunk = jax.tree.map(lambda x: x[0], batch)
-    state, tx, critic_tx = train_lib.init_state(config, model, chunk, total_steps=10)
+    state, _, critic_tx = train_lib.init_state(config, model, chunk, total_steps=10)
+    tx = optax.sgd(0.05)
+    state = state.replace(opt_state=tx.init(state.params))
     step = runner.run(
         train_lib.make_train_step(config, model, tx, critic_tx, return_grads=True),
         replicated_args=(0,),
@@ -64,13 +67,13 @@ def _three_steps(config, split, mode, num_devices):
     return losses, grads, jax.device_get(runner.unreplicate(state))
 
 
-def _assert_trees_close(a, b, atol):
+def _assert_trees_close(a, b, atol, rtol=0.0):
     flat_a = jax.tree_util.tree_flatten_with_path(a)[0]
     flat_b = jax.tree.leaves(b)
     assert len(flat_a) == len(flat_b)
     for (path, x), y in zip(flat_a, flat_b, strict=True):
         np.testing.assert_allclose(
-            np.asarray(x), np.asarray(y), atol=atol, rtol=0, err_msg=jax.tree_util.keystr(path)
+            np.asarray(x), np.asarray(y), atol=atol, rtol=rtol, err_msg=jax.tree_util.keystr(path)
         )
 
 
@@ -80,37 +83,18 @@ def test_eight_devices_equal_one_device(small_split, adversary):
     config = tiny.get_config()
     config.loss.adversary = adversary
     reference_losses, reference_grads, reference = _three_steps(config, small_split, "shard_map", 1)
-    # Biases right before a BatchNorm have a true gradient of 0; what reaches them is rounding
-    # noise, which Adam normalises to updates of size lr. Their gradients must be ~0 on every
-    # runner; their Adam-updated values are excluded from the parameter comparison.
-    for grads in reference_grads:
-        for path, g in jax.tree_util.tree_flatten_with_path(grads)[0]:
-            if PRE_BATCHNORM_BIAS.search(jax.tree_util.keystr(path)):
-                assert np.abs(g).max() < 1e-5
-    # More generally Adam's first steps are close to lr·sign(g): an element whose gradient is
-    # at rounding level can move by ±lr on either runner, so only elements with a clear
-    # gradient are compared by value.
-    noise_only = jax.tree_util.tree_map_with_path(
-        lambda path, *g: (
-            (PRE_BATCHNORM_BIAS.search(jax.tree_util.keystr(path)) is not None)
-            | (np.min(np.abs(np.stack(g)), axis=0) < 1e-4)
-        ),
-        *reference_grads,
-    )
     modes = ["shard_map", "pmap"] if adversary == "grl" else ["shard_map"]
     for mode in modes:
         losses, grads, state = _three_steps(config, small_split, mode, 8)
         np.testing.assert_allclose(losses, reference_losses, atol=1e-5, rtol=0)
+        # Gradients (largest entries ~0.8) agree to float32 summation-order noise.
         for ours, theirs in zip(grads, reference_grads, strict=True):
-            _assert_trees_close(ours, theirs, atol=1e-5)
-        _assert_trees_close(
-            jax.tree.map(lambda p, n: np.where(n, 0.0, p), state.params, noise_only),
-            jax.tree.map(lambda p, n: np.where(n, 0.0, p), reference.params, noise_only),
-            atol=1e-5,
-        )
-        _assert_trees_close(state.batch_stats, reference.batch_stats, atol=1e-5)
-    # The step did something: parameters moved away from their initial values.
-    assert reference_losses[2] != reference_losses[0]
+            _assert_trees_close(ours, theirs, atol=5e-5)
+        _assert_trees_close(state.params, reference.params, atol=1e-5)
+        # Running variances reach ~6: compare them within 1e-5 relative as well.
+        _assert_trees_close(state.batch_stats, reference.batch_stats, atol=1e-5, rtol=1e-5)
+    # The steps did something: the loss moved.
+    assert reference_losses[2] < reference_losses[0]
 
 
 def test_wgan_gp_updates_the_critic_and_grl_does_not_freeze_it(small_split):
