@@ -44,6 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.gin_layers = 5
     config.model.gin_dim = 300
     config.model.gin_dropout = 0.0
+    config.model.gin_mlp_batch_norm = False  # True: BN inside the GIN MLP (OGB/MoleculeSTM)
     config.model.embed_dim = 300
     config.model.num_memory = 28
     config.model.num_heads = 4
