@@ -98,7 +98,8 @@ def model_config_for(
         gin_layers=m.gin_layers,
         gin_dim=m.gin_dim,
         gin_dropout=m.gin_dropout,
-        gin_mlp_batch_norm=m.gin_mlp_batch_norm,
+        # Added after the first checkpoints were written: older run configs lack the key.
+        gin_mlp_batch_norm=m.get("gin_mlp_batch_norm", False),
         embed_dim=m.embed_dim,
         num_memory=m.num_memory,
         num_heads=m.num_heads,
