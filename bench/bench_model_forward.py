@@ -39,22 +39,9 @@ def _graphs(smiles, multiple=64):
     for s in smiles:
         try:
             mol = featurize.smiles_to_graph(s)
-            arrays = (mol.atom_features, mol.bond_features, mol.senders, mol.receivers)
         except featurize.InvalidSmilesError:
-            arrays = (np.zeros((0, 9), np.int32), np.zeros((0, 3), np.int32))
-            arrays += (np.zeros(0, np.int32), np.zeros(0, np.int32))
-        nodes, edges, senders, receivers = arrays
-        parts.append(
-            jraph.GraphsTuple(
-                nodes=nodes,
-                edges=edges,
-                senders=senders,
-                receivers=receivers,
-                n_node=np.array([len(nodes)], np.int32),
-                n_edge=np.array([len(senders)], np.int32),
-                globals=None,
-            )
-        )
+            mol = featurize.MolGraph.empty()
+        parts.append(mol.as_graphs_tuple())
     batch = jraph.batch_np(parts)
 
     def round_up(n):  # strictly above n: the padding graph needs at least one node

@@ -8,7 +8,7 @@ import jraph
 import numpy as np
 import pytest
 
-from jaxmol.data.featurize import Mol2VecVocabulary, smiles_to_mol2vec_graph
+from jaxmol.data.featurize import Mol2VecVocabulary, MolGraph, smiles_to_mol2vec_graph
 from jaxmol.models.gcn import GCNMol2Vec, load_mol2vec_table
 from jaxmol.models.retrieval import count_params
 
@@ -24,24 +24,8 @@ def mol2vec_graphs(items, vocab, num_nodes, num_edges):
     """Padded jraph batch of mol2vec graphs (None = an empty pair) + the padding graph."""
     parts = []
     for item in items:
-        if item is None:
-            nodes, edges = np.zeros((0, 1), np.int32), np.zeros((0, 3), np.int32)
-            senders = receivers = np.zeros(0, np.int32)
-        else:
-            mol = smiles_to_mol2vec_graph(item, vocab)
-            nodes, edges = mol.atom_features, mol.bond_features
-            senders, receivers = mol.senders, mol.receivers
-        parts.append(
-            jraph.GraphsTuple(
-                nodes=nodes,
-                edges=edges,
-                senders=senders,
-                receivers=receivers,
-                n_node=np.array([len(nodes)], np.int32),
-                n_edge=np.array([len(senders)], np.int32),
-                globals=None,
-            )
-        )
+        mol = MolGraph.empty(1) if item is None else smiles_to_mol2vec_graph(item, vocab)
+        parts.append(mol.as_graphs_tuple())
     batch = jraph.pad_with_graphs(jraph.batch_np(parts), num_nodes, num_edges, len(items) + 1)
     return batch._replace(
         n_node=batch.n_node.astype(np.int32), n_edge=batch.n_edge.astype(np.int32)

@@ -25,6 +25,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import jraph
 import numpy as np
 from rdkit import Chem, rdBase
 from rdkit.Chem import rdFingerprintGenerator
@@ -98,6 +99,29 @@ class MolGraph:
     @property
     def num_edges(self) -> int:
         return int(self.senders.shape[0])
+
+    @classmethod
+    def empty(cls, node_width: int = len(ATOM_VOCAB)) -> MolGraph:
+        """A graph without nodes: the molecule slot of a masked pair."""
+        no_edges = np.zeros(0, np.int32)
+        return cls(
+            np.zeros((0, node_width), np.int32),
+            np.zeros((0, len(BOND_VOCAB)), np.int32),
+            no_edges,
+            no_edges,
+        )
+
+    def as_graphs_tuple(self) -> jraph.GraphsTuple:
+        """This molecule as a one-graph `jraph.GraphsTuple` (for `jraph.batch_np`)."""
+        return jraph.GraphsTuple(
+            nodes=self.atom_features,
+            edges=self.bond_features,
+            senders=self.senders,
+            receivers=self.receivers,
+            n_node=np.array([self.num_nodes], np.int32),
+            n_edge=np.array([self.num_edges], np.int32),
+            globals=None,
+        )
 
 
 def _index(table: dict, value) -> int:
