@@ -10,7 +10,6 @@ WORKDIR/eval/<split with / as _>__<protocol>.json and the .npz of embeddings bes
 Protocols are described in docs/evaluation.md.
 """
 
-import logging
 import os
 import sys
 
@@ -18,7 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a model hub
 
 from absl import app, flags
 
-from jaxmol import evaluation
+from jaxmol import cli, evaluation
 from jaxmol.checkpointing import CheckpointError
 from jaxmol.data.datasets import DataError
 
@@ -52,10 +51,7 @@ def _parse_step(value: str) -> int | str:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.getLogger().setLevel(logging.INFO)
-    # Our progress at INFO; orbax (absl logger) and JAX internals only when something is wrong.
-    logging.getLogger("absl").setLevel(logging.WARNING)
-    logging.getLogger("jax").setLevel(logging.WARNING)
+    cli.setup_logging()
     try:
         report = evaluation.evaluate_checkpoint(
             FLAGS.workdir,

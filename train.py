@@ -3,7 +3,6 @@
 python train.py --config configs/quickstart.py --workdir runs/quickstart [--config.key=value]
 """
 
-import logging
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a model hub
@@ -11,7 +10,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a model hub
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxmol import train_lib
+from jaxmol import cli, train_lib
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -24,10 +23,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.getLogger().setLevel(logging.INFO)
-    # Our progress at INFO; orbax (absl logger) and JAX internals only when something is wrong.
-    logging.getLogger("absl").setLevel(logging.WARNING)
-    logging.getLogger("jax").setLevel(logging.WARNING)
+    cli.setup_logging()
     train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 

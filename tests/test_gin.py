@@ -8,7 +8,12 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from jaxmol.data.featurize import ATOM_FEATURE_DIMS, BOND_FEATURE_DIMS, smiles_to_graph
+from jaxmol.data.featurize import (
+    ATOM_FEATURE_DIMS,
+    BOND_FEATURE_DIMS,
+    MolGraph,
+    smiles_to_graph,
+)
 from jaxmol.models.gin import GIN
 from jaxmol.models.layers import MaskedBatchNorm, node_graph_index, segment_mean_pool
 from jaxmol.models.retrieval import count_params
@@ -21,30 +26,10 @@ def padded_graphs(items, num_nodes, num_edges):
     parts = []
     for item in items:
         if item is None:
-            parts.append(
-                jraph.GraphsTuple(
-                    nodes=np.zeros((0, 9), np.int32),
-                    edges=np.zeros((0, 3), np.int32),
-                    senders=np.zeros(0, np.int32),
-                    receivers=np.zeros(0, np.int32),
-                    n_node=np.array([0], np.int32),
-                    n_edge=np.array([0], np.int32),
-                    globals=None,
-                )
-            )
-            continue
-        mol = smiles_to_graph(item) if isinstance(item, str) else item
-        parts.append(
-            jraph.GraphsTuple(
-                nodes=mol.atom_features,
-                edges=mol.bond_features,
-                senders=mol.senders,
-                receivers=mol.receivers,
-                n_node=np.array([mol.num_nodes], np.int32),
-                n_edge=np.array([mol.num_edges], np.int32),
-                globals=None,
-            )
-        )
+            mol = MolGraph.empty()
+        else:
+            mol = smiles_to_graph(item) if isinstance(item, str) else item
+        parts.append(mol.as_graphs_tuple())
     batch = jraph.pad_with_graphs(jraph.batch_np(parts), num_nodes, num_edges, len(items) + 1)
     return batch._replace(
         n_node=batch.n_node.astype(np.int32), n_edge=batch.n_edge.astype(np.int32)
