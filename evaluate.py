@@ -1,85 +1,16 @@
 """Evaluate a trained checkpoint on one split with one retrieval protocol.
 
 python evaluate.py --workdir runs/quickstart --split chebi20/test --protocol pool
-python evaluate.py --workdir runs/quickstart --split chebi20/test --protocol text2mol
-python evaluate.py --workdir runs/quickstart --split pcdes_momu/test --protocol momu
 
-Restores the model and its config from the workdir's checkpoint (best by default) onto whatever
-devices exist, without the optimiser state; prints a table and writes
-WORKDIR/eval/<split with / as _>__<protocol>.json and the .npz of embeddings beside it.
-Protocols are described in docs/evaluation.md.
+A thin shim over `jaxmol.cli.evaluate` (also installed as `jaxmol-evaluate`); the protocols are
+described in docs/evaluation.md.
 """
 
 import os
-import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a model hub
 
-from absl import app, flags
-
-from jaxmol import cli, evaluation
-from jaxmol.checkpointing import CheckpointError
-from jaxmol.data.datasets import DataError
-
-FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Training workdir (holds checkpoints/; results go to eval/).")
-flags.DEFINE_string("split", None, "Split to evaluate, e.g. pcdes/test, chebi20/test, tsv:PATH.")
-flags.DEFINE_enum("protocol", "pool", evaluation.PROTOCOLS, "Retrieval protocol.")
-flags.DEFINE_string("step", "best", "Checkpoint: 'best', 'latest' or a step number.")
-flags.DEFINE_integer("batch_size", 0, "Embedding batch size; 0 = the run's eval_batch_size.")
-flags.DEFINE_integer("num_devices", -1, "Devices to embed on; -1 = all local devices.")
-flags.DEFINE_enum("parallel", "shard_map", ["shard_map", "pmap"], "Multi-device runner.")
-flags.DEFINE_integer(
-    "max_pairs", -1, "> 0: only the first N rows of every split involved (smoke tests)."
-)
-flags.DEFINE_integer(
-    "inbatch_size", evaluation.MOMU_INBATCH_SIZE, "Batch of MoMu's in-batch accuracy."
-)
-flags.mark_flags_as_required(["workdir", "split"])
-
-
-def _parse_step(value: str) -> int | str:
-    if value in ("best", "latest"):
-        return value
-    try:
-        return int(value)
-    except ValueError as error:
-        message = f"--step must be 'best', 'latest' or an integer, got {value!r}"
-        raise app.UsageError(message) from error
-
-
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    cli.setup_logging()
-    try:
-        report = evaluation.evaluate_checkpoint(
-            FLAGS.workdir,
-            FLAGS.split,
-            protocol=FLAGS.protocol,
-            step=_parse_step(FLAGS.step),
-            batch_size=FLAGS.batch_size,
-            num_devices=FLAGS.num_devices,
-            parallel=FLAGS.parallel,
-            max_pairs=FLAGS.max_pairs,
-            inbatch_size=FLAGS.inbatch_size,
-        )
-    except (CheckpointError, DataError, evaluation.ProtocolError) as error:
-        print(f"evaluate.py: error: {error}", file=sys.stderr)
-        sys.exit(2)
-    print(f"checkpoint step {report['checkpoint_step']}, tie policy: {report['tie_policy']}")
-    if report["num_skipped"]:
-        ids = ", ".join(f"{s['split']}:{s['id']}" for s in report["skipped"])
-        print(f"{report['num_skipped']} pairs excluded (molecule not featurisable): {ids}")
-    if report["protocol"] == "text2mol":
-        print(
-            f"t2m pool: {', '.join(report['t2m_pool_splits'])}; "
-            f"m2t pool: {', '.join(report['m2t_pool_splits'])}"
-        )
-    print(evaluation.format_table({report["split"]: report}))
-    for path in report["files"].values():
-        print(f"wrote {os.path.join(FLAGS.workdir, path)}")
-
+from jaxmol.cli.evaluate import run
 
 if __name__ == "__main__":
-    app.run(main)
+    run()

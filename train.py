@@ -1,31 +1,15 @@
 """Train a CMTMR retrieval model, then evaluate it (resumes when the workdir has a checkpoint).
 
 python train.py --config configs/quickstart.py --workdir runs/quickstart [--config.key=value]
+
+A thin shim over `jaxmol.cli.train` (also installed as `jaxmol-train`).
 """
 
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a model hub
 
-from absl import app, flags
-from ml_collections import config_flags
-
-from jaxmol import cli, train_lib
-
-FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file(
-    "config", None, "Config file (a get_config() module).", lock_config=True
-)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and evaluation outputs.")
-flags.mark_flags_as_required(["config", "workdir"])
-
-
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    cli.setup_logging()
-    train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-
+from jaxmol.cli.train import run
 
 if __name__ == "__main__":
-    app.run(main)
+    run()

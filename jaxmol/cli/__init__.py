@@ -1,4 +1,4 @@
-"""Shared set-up of the command-line entry points (train.py, evaluate.py)."""
+"""The command-line entry points (`train`, `evaluate`) and their shared set-up."""
 
 import logging
 
