@@ -1,10 +1,12 @@
 """Paper settings (CMTMR, Song et al. BIBM 2024, official `scripts/train.sh`), GIN molecule tower.
 
-Batch 32, 60 epochs, Adam lr 1e-4 (BERT 3e-5), 1000 warm-up steps then linear decay (ending
-1000 steps early, as the official schedule does), 28 memory slots, batch-hard triplet margin 0.3,
-second-order KL weights 1 and 1, KL temperature 1. The paper trains on ChEBI-20 train with
-SciBERT; we ship neither the ChEBI-20 train texts nor SciBERT, so this config trains on PCdes
-train with the offline MiniLM. For the paper's data and tower:
+Batch 32 drawn by a uniform shuffle (no length grouping), 60 epochs, Adam lr 1e-4 (BERT 3e-5),
+1000 warm-up steps then linear decay (ending 1000 steps early, as the official schedule does),
+28 memory slots, batch-hard triplet margin 0.3, second-order KL weights 1 and 1, KL temperature
+1; the optional InfoNCE first-order loss has no temperature (T = 1), like the official `cl`.
+The paper trains on ChEBI-20 train with SciBERT; we ship neither the ChEBI-20 train texts nor
+SciBERT, so this config trains on PCdes train with the offline MiniLM. For the paper's data and
+tower:
 
     python train.py --config configs/default.py --workdir runs/paper \
         --config.data.train_split=chebi20/train --config.data.val_split=chebi20/validation \
@@ -25,7 +27,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.test_splits = ("pcdes/test", "chebi20/test")
     config.data.max_text_length = 256
     config.data.text_buckets = (32, 64, 128, 256)
-    config.data.group_by_length = True
+    # Uniform shuffling, as the official training does; True samples batches within text-length
+    # groups (less padding, but it changes the in-batch negatives of every loss term).
+    config.data.group_by_length = False
     config.data.single_graph_budget = False  # True: one graph shape (fewer compiles)
     config.data.on_invalid = "skip"  # molecules RDKit rejects are reported and excluded
     config.data.max_train_pairs = -1  # > 0: use only the first N train pairs
@@ -55,7 +59,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.loss = ml_collections.ConfigDict()
     config.loss.first_order = "triplet"  # or "info_nce"
     config.loss.margin = 0.3
-    config.loss.info_nce_temperature = 0.07
+    # The official contrastive loss (`cl`) has no temperature, i.e. T = 1. 0.07 is the common
+    # CLIP choice, worth trying with first_order='info_nce'.
+    config.loss.info_nce_temperature = 1.0
     config.loss.kl_temperature = 1.0
     config.loss.kl_similarity = "distance"  # official; or "neg_distance"
     config.loss.kl_metric = "euclidean"  # or "cosine"

@@ -5,8 +5,9 @@ directions). Sized to finish within 30 minutes on 2 CPU cores.
     python train.py --config configs/quickstart.py --workdir runs/quickstart
 
 Differences from the paper settings (configs/default.py), all for CPU time: texts truncated
-to 128 tokens (PCdes mean: 111) with two length buckets; the embeddings and the bottom BERT
-layers frozen; a fixed number of steps with a short warm-up.
+to 128 tokens (PCdes mean: 111) with two length buckets; batches drawn within text-length groups
+instead of a uniform shuffle; the embeddings and the bottom BERT layers frozen; a fixed number
+of steps with a short warm-up.
 """
 
 from configs import default
@@ -16,6 +17,11 @@ def get_config():
     config = default.get_config()
     config.data.max_text_length = 128
     config.data.text_buckets = (64, 128)
+    # Length-grouped batches cut the text padding of a PCdes epoch at 128 tokens from 27.3 % to
+    # 16.9 % (`python bench/bench_data.py --max_length 128 --buckets 64,128`), and padding is
+    # paid for in BERT time on a CPU. The price: in-batch negatives come from texts of similar
+    # length, unlike the official uniform shuffle that configs/default.py keeps.
+    config.data.group_by_length = True
     config.optim.freeze_bert_layers = 3
     config.optim.warmup_steps = 50
     config.optim.decay_ends_warmup_early = False
