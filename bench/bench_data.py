@@ -16,8 +16,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags
 
-from jaxmol.data.batching import PairBatcher, encode_split, padding_fractions
+from jaxmol.data.batching import PairBatcher, padding_fractions
 from jaxmol.data.datasets import load_split
+from jaxmol.data.encoding import SplitEncoder
 from jaxmol.data.featurize import featurize_split
 from jaxmol.data.tokenize import load_tokenizer
 
@@ -46,7 +47,7 @@ def main(argv):
         )
 
         tokenizer = load_tokenizer(max_length=FLAGS.max_length)
-        split = encode_split(dataset, tokenizer, on_invalid="skip", cache_dir=cache)
+        split = SplitEncoder(tokenizer, on_invalid="skip", cache_dir=cache)(dataset)
     buckets = tuple(int(b) for b in FLAGS.buckets.split(","))
     lengths = split.tokens.lengths[split.rows]
     print(f"texts: mean {lengths.mean():.1f} tokens, truncated {split.tokens.num_truncated}")

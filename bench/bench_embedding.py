@@ -26,14 +26,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmol import evaluation
+from jaxmol import evaluation, scoring
 from jaxmol.data import batching, datasets
+from jaxmol.data.encoding import EncodedSplit, SplitEncoder
 from jaxmol.data.tokenize import default_model_dir, load_tokenizer
 from jaxmol.models.retrieval import ModelConfig, RetrievalModel, count_params
 from jaxmol.parallel import DataParallel, select_devices
 
 
-def _init_variables(model: RetrievalModel, split: batching.EncodedSplit) -> dict:
+def _init_variables(model: RetrievalModel, split: EncodedSplit) -> dict:
     """Random variables of the full model (both towers), from one small batch."""
     batcher = batching.PairBatcher(split, batch_size=2, shuffle=False)
     batch = batcher.make_batch(split.rows[:2])
@@ -45,9 +46,9 @@ def _init_variables(model: RetrievalModel, split: batching.EncodedSplit) -> dict
     )(jax.random.PRNGKey(0))
 
 
-def _warm_text_rows(split: batching.EncodedSplit, rows: np.ndarray, batch_size: int) -> np.ndarray:
+def _warm_text_rows(split: EncodedSplit, rows: np.ndarray, batch_size: int) -> np.ndarray:
     """Up to one batch of rows per text length bucket (compiles every text shape)."""
-    buckets = evaluation._text_buckets(split.tokens.max_length)
+    buckets = batching.buckets_up_to(split.tokens.max_length)
     bucket_of = np.searchsorted(np.asarray(buckets), split.tokens.lengths[rows])
     return np.concatenate([rows[bucket_of == b][:batch_size] for b in np.unique(bucket_of)])
 
@@ -62,7 +63,7 @@ def main() -> None:
     args = parser.parse_args()
 
     tokenizer = load_tokenizer(default_model_dir(), max_length=args.max_text_length)
-    encoder = evaluation.SplitEncoder(tokenizer, "ogb")
+    encoder = SplitEncoder(tokenizer, "ogb", on_invalid="skip")
     split = encoder(datasets.load_split(args.split))
     model = RetrievalModel(ModelConfig())  # MiniLM + GIN 5x300 + memory projector, d = 300
     variables = _init_variables(model, split)
@@ -106,7 +107,7 @@ def main() -> None:
 
     if len(text_rows) == len(mol_rows):
         start = time.perf_counter()
-        result = evaluation.pool_metrics_from_embeddings(text_emb, mol_emb)
+        result = scoring.pool_metrics_from_embeddings(text_emb, mol_emb)
         rank_s = time.perf_counter() - start
         print(
             f"ranking:   {rank_s:.3f} s for {len(text_rows)} texts x {len(mol_rows)} molecules, "

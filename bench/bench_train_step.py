@@ -20,10 +20,9 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxmol import train_lib
-from jaxmol.data.batching import PairBatcher, encode_split
+from jaxmol import builders, train_step
+from jaxmol.data.batching import PairBatcher
 from jaxmol.data.datasets import load_split
-from jaxmol.data.tokenize import load_tokenizer
 from jaxmol.models.retrieval import RetrievalModel
 from jaxmol.parallel import DataParallel, select_devices
 
@@ -37,10 +36,7 @@ def main(argv):
     del argv
     config = FLAGS.config
     runner = DataParallel(config.parallel, select_devices(config.num_devices))
-    tokenizer = load_tokenizer(
-        train_lib.text_model_dir(config), max_length=config.data.max_text_length
-    )
-    split = encode_split(load_split("pcdes/train"), tokenizer, on_invalid="skip")
+    split = builders.split_encoder(config)(load_split("pcdes/train"))
     batcher = PairBatcher(
         split,
         batch_size=config.batch_size,
@@ -48,18 +44,13 @@ def main(argv):
         text_buckets=config.data.text_buckets,
         single_graph_budget=config.data.single_graph_budget,
     )
-    model = RetrievalModel(train_lib.model_config_for(config))
+    model = RetrievalModel(builders.model_config_for(config))
     lengths = split.tokens.lengths
     first = batcher.make_batch(split.rows[: config.batch_size])
-    state, tx, critic_tx = train_lib.init_state(
+    state, tx, critic_tx = train_step.init_state(
         config, model, jax.tree.map(lambda x: x[0], first), total_steps=10_000
     )
-    step = runner.run(
-        train_lib.make_train_step(config, model, tx, critic_tx),
-        replicated_args=(0,),
-        out_kinds=("replicated", "replicated"),
-        donate_argnums=(0,),
-    )
+    step = train_step.compile_train_step(runner, config, model, tx, critic_tx)
     state = runner.replicate(state)
     print(
         f"devices={runner.num_devices} batch={config.batch_size} "

@@ -88,3 +88,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         )
     if not config.best_metric.startswith("val/"):
         raise ConfigError(f"config.best_metric={config.best_metric!r} must start with 'val/'")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """TEMPORARY: today's defaults (to move into this module)."""
+    from configs import default
+
+    return default.get_config()

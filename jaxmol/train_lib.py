@@ -1,434 +1,285 @@
-"""Training: state, optimiser, the fused per-device train step, and the training loop.
+"""Training: the host side — set-up, the loop, checkpoints, logs and the final evaluation.
 
-One jit-compiled program per batch shape does everything of a step: both towers, the projector
-and head, the adversary, `jaxmol.losses.cmtmr_loss` on the *global* batch (embeddings are
-all-gathered over the 'data' axis, so negatives come from every device), gradient averaging,
-the optax update and the BatchNorm statistics. With ``loss.adversary='wgan_gp'`` the same program
-first updates the critic (its own Adam) on stop-gradient features, then computes the generator
-term with the updated critic, the order of the official code.
+The jit-compiled step itself is `jaxmol.train_step` (pure JAX). This module builds a `TrainRun`
+(`setup`), runs the loop over it (`train`), then evaluates the test splits (`evaluate_test_splits`);
+`train_and_evaluate` does all three.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import math
-import os
 import signal
 import time
 from pathlib import Path
 from typing import Any
 
-import flax
 import jax
-import jax.numpy as jnp
-import jraph
 import ml_collections
 import numpy as np
 import optax
-from jax import lax
 
-from jaxmol import checkpointing, evaluation, losses
+from jaxmol import builders, checkpointing, evaluation, scoring
 from jaxmol.config import validate_config
 from jaxmol.data import batching, datasets
-from jaxmol.data.tokenize import load_tokenizer
-from jaxmol.models import bert
-from jaxmol.models.retrieval import ModelConfig, RetrievalModel, count_params
-from jaxmol.parallel import AXIS, DataParallel, select_devices
+from jaxmol.data.encoding import EncodedSplit, SplitEncoder
+from jaxmol.models.retrieval import RetrievalModel, count_params
+from jaxmol.parallel import DataParallel, select_devices
+from jaxmol.train_step import (
+    TrainState,
+    compile_train_step,
+    init_state,
+    learning_rate_schedule,
+)
 
 logger = logging.getLogger(__name__)
-
-
-@flax.struct.dataclass
-class TrainState:
-    """Everything a step reads and writes; one replicated copy per device.
-
-    Attributes:
-      step: int32 scalar, optimiser steps taken.
-      params: the model parameters (`txt`, `mol`, `projector`, `head`, `discriminator`).
-      batch_stats: BatchNorm running statistics.
-      opt_state: the main optimiser's state.
-      critic_opt_state: the WGAN-GP critic's Adam state (empty otherwise).
-      rng: uint32 [2] base key; the step's key is fold_in(rng, step).
-    """
-
-    step: jax.Array
-    params: Any
-    batch_stats: Any
-    opt_state: Any
-    critic_opt_state: Any
-    rng: jax.Array
 
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite; the message names the step."""
 
 
-# ----------------------------------------------------------------------------------------------
-# Model and optimiser.
+@dataclasses.dataclass
+class TrainRun:
+    """Everything the loop needs, built once by `setup`.
 
-
-def text_model_dir(config: ml_collections.ConfigDict) -> str:
-    return config.model.text_model_dir or bert.default_model_dir()
-
-
-def bert_config_for(config: ml_collections.ConfigDict) -> bert.BertConfig:
-    """The text tower's config: from the pretrained directory, or the small random one."""
-    model_dir = text_model_dir(config)
-    base = bert.BertConfig.from_json(os.path.join(model_dir, "config.json"))
-    if config.model.text_init == "random":
-        base = dataclasses.replace(base, **dict(config.model.text_random))
-    return dataclasses.replace(
-        base,
-        hidden_dropout_prob=config.model.text_dropout,
-        attention_probs_dropout_prob=config.model.text_dropout,
-    )
-
-
-def model_config_for(
-    config: ml_collections.ConfigDict, axis_name: str | None = AXIS
-) -> ModelConfig:
-    m = config.model
-    return ModelConfig(
-        bert=bert_config_for(config),
-        bert_frozen_layers=config.optim.freeze_bert_layers,
-        mol_encoder=m.mol_encoder,
-        gin_layers=m.gin_layers,
-        gin_dim=m.gin_dim,
-        gin_dropout=m.gin_dropout,
-        # Added after the first checkpoints were written: older run configs lack the key.
-        gin_mlp_batch_norm=m.get("gin_mlp_batch_norm", False),
-        embed_dim=m.embed_dim,
-        num_memory=m.num_memory,
-        num_heads=m.num_heads,
-        projector=m.projector,
-        head_bn_stats=m.head_bn_stats,
-        grl_scale=m.grl_scale,
-        axis_name=axis_name,
-    )
-
-
-def _path_names(path) -> list[str]:
-    return [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
-
-
-def param_labels(params: Any, config: ml_collections.ConfigDict) -> Any:
-    """Optimiser group of every parameter, from its path.
-
-    'bert' (the text tower, BERT lr), 'frozen' (embeddings and the bottom
-    `optim.freeze_bert_layers` BERT layers), 'critic' (the discriminator when it is a WGAN-GP
-    critic with its own optimiser), 'rest' (everything else, lr).
+    Attributes:
+      config: the validated run config.
+      workdir: absolute workdir (checkpoints/, metrics.jsonl, config.json, eval/).
+      resolved: the config as JSON (written with every checkpoint).
+      runner: the data-parallel runner.
+      encoder: the run's one `SplitEncoder` (train, validation and test splits).
+      batcher: the training batches.
+      total_steps: optimiser steps of the whole run.
+      model: the per-device training model.
+      tx, critic_tx: the optimisers.
+      state: the host copy of the train state (restored when resuming).
+      position: where the batch stream continues.
+      checkpointer: the workdir's checkpoints.
+      embedder: the eval-mode embedder over the same devices.
+      val_split: the encoded validation split (None: no validation).
     """
-    frozen_layers = config.optim.freeze_bert_layers
-    wgan = config.loss.adversary == "wgan_gp"
 
-    def label(path, _):
-        names = _path_names(path)
-        if names[0] == "txt":
-            index = bert.layer_index_of_path(names[1:])
-            if frozen_layers > 0 and (
-                names[1] == "embeddings" or (index is not None and index < frozen_layers)
-            ):
-                return "frozen"
-            return "bert"
-        if names[0] == "discriminator" and wgan:
-            return "critic"
-        if names[-1] == "mol2vec_table":  # a fixed lookup table, never trained
-            return "frozen"
-        return "rest"
-
-    return jax.tree_util.tree_map_with_path(label, params)
+    config: ml_collections.ConfigDict
+    workdir: Path
+    resolved: dict
+    runner: DataParallel
+    encoder: SplitEncoder
+    batcher: batching.PairBatcher
+    total_steps: int
+    model: RetrievalModel
+    tx: optax.GradientTransformation
+    critic_tx: optax.GradientTransformation | None
+    state: TrainState
+    position: batching.Position
+    checkpointer: checkpointing.Checkpointer
+    embedder: evaluation.Embedder
+    val_split: EncodedSplit | None
 
 
-def learning_rate_schedule(
-    config: ml_collections.ConfigDict, peak: float, total_steps: int
-) -> optax.Schedule:
-    """Linear warm-up to `peak`, then linear decay to 0 (or constant).
+def _load_limited(split_name: str, max_pairs: int) -> datasets.PairDataset:
+    dataset = datasets.load_split(split_name)
+    if max_pairs > 0:
+        dataset = dataset.select(range(min(max_pairs, len(dataset))))
+    return dataset
 
-    With ``optim.decay_ends_warmup_early`` the decay reaches 0 at ``total - warmup`` steps and
-    stays there, as the official code (HF ``get_linear_schedule_with_warmup`` called with
-    ``total - warmup`` training steps).
+
+def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainRun:
+    """Validates the config, encodes the data, initialises or restores the state.
+
+    Raises:
+      jaxmol.config.ConfigError: an invalid config value (before anything is loaded).
+      jaxmol.checkpointing.CheckpointError: the workdir holds a different run, or an
+        unreadable checkpoint.
     """
-    optim = config.optim
-    if optim.schedule == "constant":
-        return optax.constant_schedule(peak)
-    warmup = optim.warmup_steps
-    end = total_steps - warmup if optim.decay_ends_warmup_early else total_steps
-    decay = max(end - warmup, 1)
-    return optax.join_schedules(
-        [
-            optax.linear_schedule(0.0, peak, max(warmup, 1)),
-            optax.linear_schedule(peak, 0.0, decay),
-        ],
-        [warmup],
-    )
-
-
-def make_optimizer(
-    config: ml_collections.ConfigDict, params: Any, total_steps: int
-) -> optax.GradientTransformation:
-    """Adam (β 0.9/0.999, ε 1e-8, no weight decay) with per-group learning rates."""
-    adam = functools.partial(optax.adam, b1=0.9, b2=0.999, eps=1e-8)
-    return optax.multi_transform(
-        {
-            "bert": adam(learning_rate_schedule(config, config.optim.bert_lr, total_steps)),
-            "rest": adam(learning_rate_schedule(config, config.optim.lr, total_steps)),
-            "frozen": optax.set_to_zero(),
-            "critic": optax.set_to_zero(),
-        },
-        param_labels(params, config),
-    )
-
-
-def make_critic_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """The official critic optimiser: Adam, constant lr 1e-4, default betas."""
-    return optax.adam(config.loss.critic_lr, b1=0.9, b2=0.999, eps=1e-8)
-
-
-def init_state(
-    config: ml_collections.ConfigDict,
-    model: RetrievalModel,
-    example_chunk: dict,
-    total_steps: int,
-) -> tuple[TrainState, optax.GradientTransformation, optax.GradientTransformation | None]:
-    """Initialises parameters (importing pretrained BERT weights strictly) and optimisers.
-
-    Args:
-      config: the run config.
-      model: the per-device model (its axis name is ignored for initialisation).
-      example_chunk: one device's chunk of a batch (no leading device axis).
-      total_steps: for the learning-rate schedule.
-    """
-    init_model = RetrievalModel(dataclasses.replace(model.config, axis_name=None))
-    rng = jax.random.PRNGKey(config.seed)
-    init_rng, state_rng = jax.random.split(rng)
-    example_chunk = jax.tree.map(jnp.asarray, example_chunk)
-    variables = jax.jit(
-        lambda key, chunk: init_model.init(
-            {"params": key, "dropout": key},
-            chunk["text_ids"],
-            chunk["text_mask"],
-            chunk["graphs"],
-            train=False,
-        )
-    )(init_rng, example_chunk)
-    params = flax.core.unfreeze(variables["params"])
-    if config.model.text_init == "pretrained":
-        _, pretrained = bert.load_pretrained(text_model_dir(config))
-        params["txt"] = _merge_strict(params["txt"], pretrained)
-    tx = make_optimizer(config, params, total_steps)
-    critic_tx = make_critic_optimizer(config) if config.loss.adversary == "wgan_gp" else None
-    state = TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        batch_stats=flax.core.unfreeze(variables.get("batch_stats", {})),
-        opt_state=tx.init(params),
-        critic_opt_state=critic_tx.init(params["discriminator"]) if critic_tx else (),
-        rng=state_rng,
-    )
-    return state, tx, critic_tx
-
-
-def abstract_train_state(config: ml_collections.ConfigDict) -> tuple[RetrievalModel, TrainState]:
-    """The eval model and the shapes/dtypes of the run's TrainState, computed abstractly (no
-    weights are read, no arrays are made), as a restore target."""
-    eval_model = RetrievalModel(model_config_for(config, axis_name=None))
-    random_text = config.copy_and_resolve_references()
-    with random_text.unlocked():
-        random_text.model.text_init = "random"  # same shapes; never touches the weights file
-        base = bert_config_for(config)
-        random_text.model.text_random = {
-            f.name: getattr(base, f.name)
-            for f in dataclasses.fields(base)
-            if f.name
-            in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size")
-        }
-    width = 9 if config.model.mol_encoder == "gin" else 1
-    chunk = {
-        "text_ids": jnp.zeros((2, 8), jnp.int32),
-        "text_mask": jnp.ones((2, 8), jnp.int32),
-        "graphs": jraph.GraphsTuple(
-            nodes=jnp.zeros((4, width), jnp.int32),
-            edges=jnp.zeros((2, 3), jnp.int32),
-            senders=jnp.array([0, 1], jnp.int32),
-            receivers=jnp.array([1, 0], jnp.int32),
-            n_node=jnp.array([2, 1, 1], jnp.int32),
-            n_edge=jnp.array([2, 0, 0], jnp.int32),
-            globals=None,
-        ),
-    }
-    abstract = jax.eval_shape(lambda: init_state(random_text, eval_model, chunk, total_steps=1)[0])
-    return eval_model, abstract
-
-
-def _merge_strict(initialised: Any, pretrained: Any) -> Any:
-    """Returns `pretrained` after checking it has exactly the structure and shapes of the
-    text tower (a mismatch names every differing parameter)."""
-    want = {
-        jax.tree_util.keystr(p): x.shape
-        for p, x in jax.tree_util.tree_flatten_with_path(initialised)[0]
-    }
-    have = {
-        jax.tree_util.keystr(p): x.shape
-        for p, x in jax.tree_util.tree_flatten_with_path(pretrained)[0]
-    }
-    problems = sorted(want.keys() ^ have.keys()) + [
-        f"{k}: {have[k]} != {want[k]}"
-        for k in sorted(want.keys() & have.keys())
-        if have[k] != want[k]
-    ]
-    if problems:
+    validate_config(config)
+    if config.distributed:
+        jax.distributed.initialize()
+    workdir = Path(workdir).expanduser().absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    runner = DataParallel(config.parallel, select_devices(config.num_devices))
+    if config.batch_size % runner.num_devices:
         raise ValueError(
-            "pretrained text weights do not fit the text tower: " + "; ".join(problems)
+            f"batch_size {config.batch_size} is not a multiple of the {runner.num_devices} devices"
         )
-    return jax.tree.map(jnp.asarray, pretrained)
+    encoder = builders.split_encoder(config)
+    train_split = encoder(_load_limited(config.data.train_split, config.data.max_train_pairs))
+    batcher = batching.PairBatcher(
+        train_split,
+        batch_size=config.batch_size,
+        num_devices=runner.num_devices,
+        seed=config.seed,
+        group_by_length=config.data.group_by_length,
+        text_buckets=config.data.text_buckets,
+        single_graph_budget=config.data.single_graph_budget,
+    )
+    total_steps = (
+        config.num_steps if config.num_steps > 0 else config.num_epochs * batcher.num_batches
+    )
+    model = RetrievalModel(builders.model_config_for(config))
+    example = jax.tree.map(lambda x: x[0], batcher.make_batch(batcher.epoch_batches(0)[0]))
+    state, tx, critic_tx = init_state(config, model, example, total_steps)
+    logger.info("model parameters: %s", f"{count_params(state.params):,}")
+
+    resolved = _json_ready(config)
+    checkpointer = checkpointing.Checkpointer(
+        workdir / "checkpoints", keep=config.keep_checkpoints, best_metric=config.best_metric
+    )
+    position = batching.Position()
+    latest = checkpointer.latest_step()
+    if latest is not None:
+        _check_resume_compatible(checkpointer.restore_json(latest, "config"), resolved)
+        state = checkpointer.restore_state(latest, state)
+        position = batching.Position.from_dict(checkpointer.restore_json(latest, "data_position"))
+        logger.info(
+            "resumed from step %d (epoch %d, batch %d)", latest, position.epoch, position.step
+        )
+    checkpointing.write_json(workdir / "config.json", resolved)
+    eval_model = RetrievalModel(builders.model_config_for(config, axis_name=None))
+    val_split = None
+    if config.data.val_split:
+        val_split = encoder(_load_limited(config.data.val_split, config.data.max_eval_pairs))
+    return TrainRun(
+        config=config,
+        workdir=workdir,
+        resolved=resolved,
+        runner=runner,
+        encoder=encoder,
+        batcher=batcher,
+        total_steps=total_steps,
+        model=model,
+        tx=tx,
+        critic_tx=critic_tx,
+        state=state,
+        position=position,
+        checkpointer=checkpointer,
+        embedder=evaluation.Embedder(eval_model, runner),
+        val_split=val_split,
+    )
 
 
-# ----------------------------------------------------------------------------------------------
-# The per-device train step.
+def train(run: TrainRun) -> tuple[TrainState, int]:
+    """Runs the loop from the run's state and position to ``total_steps``.
 
+    Validates every ``eval_every_steps`` and at the end; checkpoints every
+    ``checkpoint_every_steps`` and at the end, each only after every step up to it was checked
+    finite, and each with the validation metrics of its own step (none if it was not validated
+    there, so it never competes for 'best' with another step's score). Ctrl-C finishes the
+    step, saves, and raises KeyboardInterrupt.
 
-def make_train_step(
-    config: ml_collections.ConfigDict,
-    model: RetrievalModel,
-    tx: optax.GradientTransformation,
-    critic_tx: optax.GradientTransformation | None,
-    *,
-    return_grads: bool = False,
-):
-    """The per-device step `(state, chunk) -> (state, metrics)` over the device axis 'data'.
+    Returns:
+      The final state (one host-side copy) and its step.
 
-    With `return_grads`, metrics also holds the averaged gradient tree under 'grads' (tests).
+    Raises:
+      NonFiniteLossError: a NaN or infinite loss, naming the step (nothing after the last
+        finite checkpoint is saved).
     """
-    loss_cfg = config.loss
-    adversary = loss_cfg.adversary
+    config, runner = run.config, run.runner
+    train_step = compile_train_step(runner, config, run.model, run.tx, run.critic_tx)
+    state = runner.replicate(run.state)
+    log = MetricsLog(run.workdir / "metrics.jsonl")
+    step = int(run.state.step)
+    position = run.position
+    stream = batching.prefetch(run.batcher.iterate(position), size=config.data.prefetch)
+    lr_schedule = learning_rate_schedule(config, config.optim.lr, run.total_steps)
+    pending: list[tuple[int, Any]] = []  # (step, device metrics) not yet checked for NaN
+    interrupted = False
+    previous_handler = signal.getsignal(signal.SIGINT)
 
-    def gather(x):
-        return lax.all_gather(x, AXIS, tiled=True)  # [b, ...] -> [B, ...]
+    def on_interrupt(signum, frame):
+        nonlocal interrupted
+        interrupted = True  # finish the current step, save, then stop
 
-    def step(state: TrainState, chunk: dict) -> tuple[TrainState, dict]:
-        key = jax.random.fold_in(state.rng, state.step)
-        # Dropout differs per device; the WGAN-GP interpolation must agree on every device.
-        dropout_key = jax.random.fold_in(jax.random.fold_in(key, 1), lax.axis_index(AXIS))
-        gp_key = jax.random.fold_in(key, 2)
-        pair_mask = gather(chunk["pair_mask"])  # [B]
-
-        def loss_fn(params):
-            (z_txt, z_mol, extras), updated = model.apply(
-                {"params": params, "batch_stats": state.batch_stats},
-                chunk["text_ids"],
-                chunk["text_mask"],
-                chunk["graphs"],
-                train=True,
-                rngs={"dropout": dropout_key},
-                mutable=["batch_stats"],
+    signal.signal(signal.SIGINT, on_interrupt)
+    progress = _progress_bar(run.total_steps, step)
+    window_start, window_pairs = time.perf_counter(), 0
+    try:
+        while step < run.total_steps and not interrupted:
+            position, batch = next(stream)
+            state, metrics = train_step(state, runner.shard(batch))
+            step += 1
+            window_pairs += int(batch["pair_mask"].sum())
+            pending.append((step, metrics))
+            last_of_run = step == run.total_steps
+            log_now = step % config.log_every_steps == 0 or last_of_run
+            validate_now = run.val_split is not None and (
+                step % config.eval_every_steps == 0 or last_of_run
             )
-            adversary_inputs: dict = {}
-            critic_out: tuple = ()
-            if adversary == "grl":
-                adversary_inputs = dict(
-                    disc_logits_txt=gather(extras["disc_logits_txt"]),
-                    disc_logits_mol=gather(extras["disc_logits_mol"]),
-                )
-            elif adversary == "wgan_gp":
-                critic_out, critic_logits_fake = _wgan_critic_update(
-                    model, critic_tx, state, params, extras, gather, pair_mask, gp_key, loss_cfg
-                )
-                adversary_inputs = dict(critic_logits_fake=critic_logits_fake)
-            loss, terms = losses.cmtmr_loss(
-                gather(z_txt),
-                gather(z_mol),
-                where=pair_mask,
-                first_order=loss_cfg.first_order,
-                margin=loss_cfg.margin,
-                info_nce_temperature=loss_cfg.info_nce_temperature,
-                kl_temperature=loss_cfg.kl_temperature,
-                kl_similarity=loss_cfg.kl_similarity,
-                kl_metric=loss_cfg.kl_metric,
-                u2u_weight=loss_cfg.u2u_weight,
-                u2c_weight=loss_cfg.u2c_weight,
-                adversary=adversary,
-                adv_weight=None if loss_cfg.adv_weight < 0 else loss_cfg.adv_weight,
-                **adversary_inputs,
-            )
-            terms["temperature"] = extras["temperature"]
-            return loss, (terms, updated["batch_stats"], critic_out)
+            save_now = step % config.checkpoint_every_steps == 0 or last_of_run
+            # Fetching (blocking) at least every 8 steps also avoids a known shard_map dispatch
+            # deadlock on CPU; a checkpoint is only written once its steps are known finite.
+            if len(pending) >= 8 or log_now or save_now:
+                host = _check_finite(pending, runner)
+                pending = []
+                if log_now:
+                    elapsed = time.perf_counter() - window_start
+                    record = {**host, "pairs_per_s": window_pairs / max(elapsed, 1e-9)}
+                    record["lr"] = float(lr_schedule(step - 1))
+                    log.write(step, record)
+                    progress.set_postfix(
+                        loss=f"{host['loss']:.4f}", pairs_s=f"{record['pairs_per_s']:.1f}"
+                    )
+                    window_start, window_pairs = time.perf_counter(), 0
+            progress.update(1)
+            val_metrics: dict = {}
+            if validate_now:
+                val_metrics = _validate(run, state)
+                log.write(step, val_metrics)
+                logger.info("step %d validation: %s", step, _short(val_metrics))
+            if save_now:
+                _save(run, step, state, position, val_metrics)
+        if interrupted:
+            if pending:
+                _check_finite(pending, runner)
+            if run.checkpointer.latest_step() != step:  # not saved by the loop already
+                _save(run, step, state, position, {})
+            run.checkpointer.close()
+            logger.warning("interrupted: saved a checkpoint at step %d", step)
+            raise KeyboardInterrupt
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
+        progress.close()
+    run.checkpointer.close()
+    return runner.unreplicate(state), step
 
-        (loss, (terms, batch_stats, critic_out)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.params
+
+def evaluate_test_splits(run: TrainRun, state: TrainState, step: int) -> dict:
+    """The pool protocol on every ``data.test_splits`` split, with the run's own encoder;
+    results go to ``workdir/eval/`` and the table is printed.
+
+    Returns:
+      {split: report of `jaxmol.evaluation.evaluate_split`}.
+    """
+    variables = run.embedder.replicate(state.eval_variables())
+    results = {}
+    for split_name in run.config.data.test_splits:
+        results[split_name] = evaluation.evaluate_split(
+            run.embedder,
+            variables,
+            split_name,
+            protocol="pool",
+            encoder=run.encoder,
+            batch_size=run.config.eval_batch_size,
+            max_pairs=run.config.data.max_eval_pairs,
+            workdir=run.workdir,
+            checkpoint_step=step,
         )
-        # Every device computed the same global loss; its gradient w.r.t. the local
-        # embeddings came back summed over devices, so the mean over devices is exact.
-        grads = lax.pmean(grads, AXIS)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        critic_opt_state = state.critic_opt_state
-        if adversary == "wgan_gp":
-            new_critic, critic_opt_state, critic_terms = critic_out
-            params = {**params, "discriminator": new_critic}
-            terms.update(critic_terms)
-        metrics = {
-            **terms,
-            "loss": loss,
-            "grad_norm": optax.tree.norm(grads),
-            "param_norm": optax.tree.norm(params),
-        }
-        if return_grads:
-            metrics["grads"] = grads
-        new_state = state.replace(
-            step=state.step + 1,
-            params=params,
-            batch_stats=batch_stats,
-            opt_state=opt_state,
-            critic_opt_state=critic_opt_state,
-        )
-        return new_state, metrics
-
-    return step
+    if results:
+        print(evaluation.format_table(results))
+    return results
 
 
-def _wgan_critic_update(model, critic_tx, state, params, extras, gather, pair_mask, key, cfg):
-    """Official order: update the critic on stop-gradient features, then score the molecule
-    features (with gradient) with the updated, stop-gradient critic."""
-    real = gather(lax.stop_gradient(extras["pooled_txt"]))  # [B, d]
-    fake = gather(lax.stop_gradient(extras["pooled_mol"]))  # [B, d]
-    critic_params = lax.stop_gradient(params["discriminator"])
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains (resuming from `workdir` when it holds a checkpoint), then evaluates.
 
-    def critic_fn(cp, x):
-        return model.apply(
-            {"params": {**params, "discriminator": cp}}, x, method=RetrievalModel.discriminate
-        )
-
-    def critic_objective(cp):
-        per_example, aux = losses.wgan_gp_critic_loss(
-            functools.partial(critic_fn, cp),
-            real,
-            fake,
-            key,
-            gp_weight=cfg.gp_weight,
-            where=pair_mask,
-        )
-        return losses.masked_mean(per_example, pair_mask), aux
-
-    (critic_loss, _), critic_grads = jax.value_and_grad(critic_objective, has_aux=True)(
-        critic_params
-    )
-    updates, critic_opt_state = critic_tx.update(
-        critic_grads, state.critic_opt_state, critic_params
-    )
-    new_critic = lax.stop_gradient(optax.apply_updates(critic_params, updates))
-    critic_logits_fake = critic_fn(new_critic, gather(extras["pooled_mol"]))  # [B]
-    return (new_critic, critic_opt_state, {"critic_loss": critic_loss}), critic_logits_fake
-
-
-# ----------------------------------------------------------------------------------------------
-# The loop.
-
-
-def _chunk0(batch: dict) -> dict:
-    return jax.tree.map(lambda x: x[0], batch)
+    Returns:
+      The final test metrics: {split: report with 't2m' and 'm2t' blocks}.
+    """
+    run = setup(config, workdir)
+    state, step = train(run)
+    return evaluate_test_splits(run, state, step)
 
 
 def _json_ready(value: Any) -> Any:
@@ -475,167 +326,6 @@ def _to_float(value: Any) -> Any:
         return value
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains (resuming from `workdir` when it holds a checkpoint), then evaluates.
-
-    Returns:
-      The final test metrics: {split: {'t2m': {...}, 'm2t': {...}}}.
-    """
-    validate_config(config)
-    if config.distributed:
-        jax.distributed.initialize()
-    workdir_path = Path(workdir).expanduser().absolute()
-    workdir_path.mkdir(parents=True, exist_ok=True)
-    devices = select_devices(config.num_devices)
-    runner = DataParallel(config.parallel, devices)
-    if config.batch_size % runner.num_devices:
-        raise ValueError(
-            f"batch_size {config.batch_size} is not a multiple of the {runner.num_devices} devices"
-        )
-
-    tokenizer = load_tokenizer(text_model_dir(config), max_length=config.data.max_text_length)
-    featurizer = "ogb" if config.model.mol_encoder == "gin" else "mol2vec"
-    encode = functools.partial(
-        batching.encode_split,
-        tokenizer=tokenizer,
-        featurizer=featurizer,
-        on_invalid=config.data.on_invalid,
-        cache_dir=config.data.cache_dir or None,
-    )
-    train_data = datasets.load_split(config.data.train_split)
-    if config.data.max_train_pairs > 0:
-        train_data = train_data.select(range(min(config.data.max_train_pairs, len(train_data))))
-    train_split = encode(train_data)
-    batcher = batching.PairBatcher(
-        train_split,
-        batch_size=config.batch_size,
-        num_devices=runner.num_devices,
-        seed=config.seed,
-        group_by_length=config.data.group_by_length,
-        text_buckets=config.data.text_buckets,
-        single_graph_budget=config.data.single_graph_budget,
-    )
-    total_steps = (
-        config.num_steps if config.num_steps > 0 else config.num_epochs * batcher.num_batches
-    )
-
-    model = RetrievalModel(model_config_for(config))
-    example = _chunk0(batcher.make_batch(batcher.epoch_batches(0)[0]))
-    state, tx, critic_tx = init_state(config, model, example, total_steps)
-    logger.info("model parameters: %s", f"{count_params(state.params):,}")
-
-    resolved = _json_ready(config)
-    checkpointer = checkpointing.Checkpointer(
-        workdir_path / "checkpoints",
-        keep=config.keep_checkpoints,
-        best_metric=config.best_metric,
-    )
-    position = batching.Position()
-    latest = checkpointer.latest_step()
-    if latest is not None:
-        saved_config = checkpointer.restore_json(latest, "config")
-        _check_resume_compatible(saved_config, resolved)
-        state = checkpointer.restore_state(latest, state)
-        position = batching.Position.from_dict(checkpointer.restore_json(latest, "data_position"))
-        logger.info(
-            "resumed from step %d (epoch %d, batch %d)", latest, position.epoch, position.step
-        )
-    checkpointing.write_json(workdir_path / "config.json", resolved)
-
-    train_step = runner.run(
-        make_train_step(config, model, tx, critic_tx),
-        replicated_args=(0,),
-        out_kinds=("replicated", "replicated"),
-        donate_argnums=(0,),
-    )
-    state = runner.replicate(state)
-    eval_model = RetrievalModel(model_config_for(config, axis_name=None))
-    embedder = evaluation.Embedder(eval_model, runner)
-    val_split = None
-    if config.data.val_split:
-        val_data = datasets.load_split(config.data.val_split)
-        if config.data.max_eval_pairs > 0:
-            val_data = val_data.select(range(min(config.data.max_eval_pairs, len(val_data))))
-        val_split = encode(val_data)
-
-    log = MetricsLog(workdir_path / "metrics.jsonl")
-    step = int(runner.unreplicate(state).step)
-    stream = batching.prefetch(batcher.iterate(position), size=config.data.prefetch)
-    pending: list[tuple[int, Any]] = []  # (step, device metrics) not yet checked for NaN
-    val_metrics: dict = {}
-    interrupted = False
-    previous_handler = signal.getsignal(signal.SIGINT)
-
-    def on_interrupt(signum, frame):
-        nonlocal interrupted
-        interrupted = True  # finish the current step, save, then stop
-
-    signal.signal(signal.SIGINT, on_interrupt)
-    progress = _progress_bar(total_steps, step)
-    window_start, window_pairs = time.perf_counter(), 0
-    try:
-        while step < total_steps and not interrupted:
-            position, batch = next(stream)
-            state, metrics = train_step(state, runner.shard(batch))
-            step += 1
-            window_pairs += int(batch["pair_mask"].sum())
-            pending.append((step, metrics))
-            last_of_run = step == total_steps
-            log_now = step % config.log_every_steps == 0 or last_of_run
-            # Fetching (blocking) at least every 8 steps also avoids a known shard_map dispatch
-            # deadlock on CPU.
-            if len(pending) >= 8 or log_now:
-                host = _check_finite(pending, runner)
-                pending = []
-                if log_now:
-                    elapsed = time.perf_counter() - window_start
-                    record = {**host, "pairs_per_s": window_pairs / max(elapsed, 1e-9)}
-                    record["lr"] = float(
-                        learning_rate_schedule(config, config.optim.lr, total_steps)(step - 1)
-                    )
-                    log.write(step, record)
-                    progress.set_postfix(
-                        loss=f"{host['loss']:.4f}", pairs_s=f"{record['pairs_per_s']:.1f}"
-                    )
-                    window_start, window_pairs = time.perf_counter(), 0
-            progress.update(1)
-            if val_split is not None and (step % config.eval_every_steps == 0 or last_of_run):
-                val_metrics = _validate(embedder, runner, state, val_split, config)
-                log.write(step, val_metrics)
-                logger.info("step %d validation: %s", step, _short(val_metrics))
-            if step % config.checkpoint_every_steps == 0 or last_of_run:
-                _save(checkpointer, step, runner, state, position, resolved, val_metrics)
-        if interrupted:
-            if pending:
-                _check_finite(pending, runner)
-            if checkpointer.latest_step() != step:  # not saved by the loop already
-                _save(checkpointer, step, runner, state, position, resolved, val_metrics)
-            checkpointer.close()
-            logger.warning("interrupted: saved a checkpoint at step %d", step)
-            raise KeyboardInterrupt
-    finally:
-        signal.signal(signal.SIGINT, previous_handler)
-        progress.close()
-    checkpointer.close()
-
-    results = {}
-    variables = evaluation.eval_variables(runner.unreplicate(state))
-    for split_name in config.data.test_splits:
-        results[split_name] = evaluation.evaluate_split(
-            embedder,
-            variables,
-            split_name,
-            protocol="pool",
-            encode=encode,
-            batch_size=config.eval_batch_size,
-            max_pairs=config.data.max_eval_pairs,
-            workdir=workdir_path,
-            checkpoint_step=step,
-        )
-    print(evaluation.format_table(results))
-    return results
-
-
 def _short(metrics: dict) -> str:
     return ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
 
@@ -660,9 +350,13 @@ def _check_finite(pending: list, runner: DataParallel) -> dict:
     return host_values
 
 
-def _validate(embedder, runner, state, split, config) -> dict:
-    variables = evaluation.eval_variables(runner.unreplicate(state))
-    result = evaluation.pool_metrics(embedder, variables, split, batch_size=config.eval_batch_size)
+def _validate(run: TrainRun, state: TrainState) -> dict:
+    """Pool-protocol metrics of the validation split, flattened as 'val/<dir>/<metric>'."""
+    variables = run.runner.unreplicate(state).eval_variables()
+    text_emb, mol_emb = run.embedder.embed_split(
+        variables, run.val_split, batch_size=run.config.eval_batch_size
+    )
+    result = scoring.pool_metrics_from_embeddings(text_emb, mol_emb)
     flat = {
         f"val/{direction}/{k}": v
         for direction in ("t2m", "m2t")
@@ -673,12 +367,13 @@ def _validate(embedder, runner, state, split, config) -> dict:
     return flat
 
 
-def _save(checkpointer, step, runner, state, position, resolved, val_metrics) -> None:
-    checkpointer.save(
+def _save(run: TrainRun, step: int, state: TrainState, position, val_metrics: dict) -> None:
+    """Saves `step`; `val_metrics` must be the validation of this very step (or empty)."""
+    run.checkpointer.save(
         step,
-        runner.unreplicate(state),
+        run.runner.unreplicate(state),
         data_position=position.to_dict(),
-        config=resolved,
+        config=run.resolved,
         metrics=val_metrics,
     )
 
@@ -700,21 +395,10 @@ _RESUME_FREE_KEYS = {
 }
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
-
-
 def _check_resume_compatible(saved: dict, current: dict) -> None:
     """A workdir resumes only with the same model, loss, optimiser, data and schedule; device
     count, parallel mode and logging cadence may change."""
-    old, new = _flatten(saved), _flatten(current)
+    old, new = builders.flat_config(saved), builders.flat_config(current)
     differences = [
         f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
         for key in sorted(old.keys() | new.keys())

@@ -10,12 +10,12 @@ from jaxmol.data.batching import (
     GraphBudgets,
     PairBatcher,
     Position,
-    encode_split,
     graph_budgets_for,
     padding_fractions,
     prefetch,
 )
 from jaxmol.data.datasets import load_split
+from jaxmol.data.encoding import SplitEncoder
 from jaxmol.data.tokenize import load_tokenizer
 
 
@@ -23,12 +23,10 @@ from jaxmol.data.tokenize import load_tokenizer
 def encoded(tmp_path_factory):
     # 203 rows (a prime: never a multiple of the batch size) incl. id 924, which RDKit rejects.
     dataset = load_split("pcdes/train").select(range(850, 1053), name="pcdes/train[850:1053]")
-    return encode_split(
-        dataset,
-        load_tokenizer(),
-        on_invalid="skip",
-        cache_dir=tmp_path_factory.mktemp("features"),
+    encoder = SplitEncoder(
+        load_tokenizer(), on_invalid="skip", cache_dir=tmp_path_factory.mktemp("features")
     )
+    return encoder(dataset)
 
 
 def test_invalid_molecule_is_reported_not_batched(encoded):

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxmol import evaluation
+from jaxmol import evaluation, scoring
 from jaxmol import metrics as metrics_lib
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,21 +30,21 @@ def test_split_sentences_drops_short_pieces_while_more_than_one_remains():
         "The molecule is a beta-diketone found in plants. It is red. "
         "It is a conjugate acid of an anion."
     )
-    assert evaluation.split_sentences(paragraph) == [
+    assert scoring.split_sentences(paragraph) == [
         "The molecule is a beta-diketone found in plants",
         "It is a conjugate acid of an anion",
     ]
     # All pieces short: the longest one survives (the others go shortest first).
-    assert evaluation.split_sentences("Tiny. A bit longer.") == ["A bit longer"]
+    assert scoring.split_sentences("Tiny. A bit longer.") == ["A bit longer"]
     # No '.': the paragraph is its own sentence, however short.
-    assert evaluation.split_sentences("Benzene") == ["Benzene"]
+    assert scoring.split_sentences("Benzene") == ["Benzene"]
     # Fields are counted as the official code counts them: split(' ') on the raw piece, so the
     # space after a '.' is a field ("x. a b c d" -> " a b c d" has 5 fields and stays).
-    assert evaluation.split_sentences("Five words are right here. a b c d") == [
+    assert scoring.split_sentences("Five words are right here. a b c d") == [
         "Five words are right here",
         "a b c d",
     ]
-    assert evaluation.split_sentences("Five words are right here.a b c d") == [
+    assert scoring.split_sentences("Five words are right here.a b c d") == [
         "Five words are right here"
     ]
 
@@ -54,7 +54,7 @@ def test_sentence_scores_are_mean_cosines():
     sentence_emb = rng.normal(size=(7, 5))  # [S, d]
     mol_emb = rng.normal(size=(3, 5))  # [M, d]
     sentence_paragraph = np.array([0, 0, 1, 2, 2, 2, 1])
-    _, scores = evaluation.sentence_paragraph_scores(sentence_emb, sentence_paragraph, mol_emb)
+    _, scores = scoring.sentence_paragraph_scores(sentence_emb, sentence_paragraph, mol_emb)
 
     def cosine(a, b):
         return a @ b / np.linalg.norm(a) / np.linalg.norm(b)
@@ -75,9 +75,9 @@ def test_momu_metrics_from_scores_match_embedding_version():
     rng = np.random.default_rng(1)
     text_emb = rng.normal(size=(23, 4)).astype(np.float32)
     mol_emb = text_emb + rng.normal(scale=1.5, size=(23, 4)).astype(np.float32)
-    from_emb = evaluation.momu_metrics_from_embeddings(text_emb, mol_emb, inbatch_size=8)
-    scores = evaluation._unit_rows(text_emb) @ evaluation._unit_rows(mol_emb).T  # [N, N]
-    from_scores = evaluation.momu_metrics_from_scores(scores, inbatch_size=8)
+    from_emb = scoring.momu_metrics_from_embeddings(text_emb, mol_emb, inbatch_size=8)
+    scores = scoring._unit_rows(text_emb) @ scoring._unit_rows(mol_emb).T  # [N, N]
+    from_scores = scoring.momu_metrics_from_scores(scores, inbatch_size=8)
     for direction in ("t2m", "m2t"):
         assert from_emb[direction] == from_scores[direction]
         assert 0 < from_emb[direction]["inbatch_acc@8"] < 1
@@ -119,12 +119,12 @@ def trained_workdir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def restored(trained_workdir):
     """(8-device embedder, variables, encoder, step) of the trained workdir."""
-    from jaxmol import checkpointing
+    from jaxmol import builders
     from jaxmol.parallel import DataParallel, select_devices
 
-    model, variables, config, step = checkpointing.restore_for_eval(trained_workdir)
+    model, variables, config, step = evaluation.restore_for_eval(trained_workdir)
     embedder = evaluation.Embedder(model, DataParallel("shard_map", select_devices(-1)))
-    return embedder, variables, evaluation.SplitEncoder.from_config(config), step
+    return embedder, variables, builders.split_encoder(config), step
 
 
 def _write_tsv(path: Path) -> Path:
@@ -145,7 +145,7 @@ def _write_tsv(path: Path) -> Path:
 def test_protocol_pools_and_query_counts(restored, tmp_path):
     embedder, variables, encoder, step = restored
     split_name = f"tsv:{_write_tsv(tmp_path / 'pairs.tsv')}"
-    common = dict(encode=encoder, batch_size=4, workdir=tmp_path, checkpoint_step=step)
+    common = dict(encoder=encoder, batch_size=4, workdir=tmp_path, checkpoint_step=step)
 
     reports = {
         protocol: evaluation.evaluate_split(
@@ -165,7 +165,7 @@ def test_protocol_pools_and_query_counts(restored, tmp_path):
     # Same embeddings, same pool: the momu full-pool numbers are the pool protocol's.
     assert reports["momu"]["t2m"]["mrr"] == reports["pool"]["t2m"]["mrr"]
     rows = [line.split("\t") for line in (tmp_path / "pairs.tsv").read_text().splitlines()[1:]]
-    expected_sentences = sum(len(evaluation.split_sentences(t)) for i, _, t in rows if i != "bad")
+    expected_sentences = sum(len(scoring.split_sentences(t)) for i, _, t in rows if i != "bad")
     assert reports["momu_sentence"]["num_sentences"] == expected_sentences > 9
 
     # text2mol on the first 5 rows of each ChEBI-20 split: 3 molecule splits, 2 text splits.

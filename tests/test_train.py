@@ -14,11 +14,13 @@ import optax
 import pytest
 
 from configs import tiny
-from jaxmol import checkpointing, train_lib
+from jaxmol import builders, train_lib, train_step
 from jaxmol.config import ConfigError, validate_config
-from jaxmol.data.batching import PairBatcher, encode_split
+from jaxmol.data.batching import PairBatcher
 from jaxmol.data.datasets import load_split
+from jaxmol.data.encoding import SplitEncoder
 from jaxmol.data.tokenize import load_tokenizer
+from jaxmol.evaluation import restore_for_eval
 from jaxmol.models.retrieval import RetrievalModel
 from jaxmol.parallel import DataParallel, select_devices
 
@@ -28,11 +30,12 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def small_split(tmp_path_factory):
     config = tiny.get_config()
-    tokenizer = load_tokenizer(train_lib.text_model_dir(config), max_length=64)
+    tokenizer = load_tokenizer(builders.text_model_dir(config), max_length=64)
     dataset = load_split("pcdes/train").select(range(40))
-    return encode_split(
-        dataset, tokenizer, on_invalid="skip", cache_dir=tmp_path_factory.mktemp("features")
+    encoder = SplitEncoder(
+        tokenizer, on_invalid="skip", cache_dir=str(tmp_path_factory.mktemp("features"))
     )
+    return encoder(dataset)
 
 
 def _three_steps(config, split, mode, num_devices):
@@ -47,15 +50,13 @@ def _three_steps(config, split, mode, num_devices):
         split, batch_size=16, num_devices=num_devices, shuffle=False, text_buckets=(64,)
     )
     batch = batcher.make_batch(split.rows[:13])
-    model = RetrievalModel(train_lib.model_config_for(config))
+    model = RetrievalModel(builders.model_config_for(config))
     chunk = jax.tree.map(lambda x: x[0], batch)
-    state, _, critic_tx = train_lib.init_state(config, model, chunk, total_steps=10)
+    state, _, critic_tx = train_step.init_state(config, model, chunk, total_steps=10)
     tx = optax.sgd(0.05)
     state = state.replace(opt_state=tx.init(state.params))
-    step = runner.run(
-        train_lib.make_train_step(config, model, tx, critic_tx, return_grads=True),
-        replicated_args=(0,),
-        out_kinds=("replicated", "replicated"),
+    step = train_step.compile_train_step(
+        runner, config, model, tx, critic_tx, return_grads=True, donate_state=False
     )
     state = runner.replicate(state)
     losses, grads = [], []
@@ -82,6 +83,12 @@ def test_eight_devices_equal_one_device(small_split, adversary):
     assert jax.device_count() == 8
     config = tiny.get_config()
     config.loss.adversary = adversary
+    if adversary == "wgan_gp":
+        # InfoNCE has no argmax: the batch-hard triplet's hardest negative can flip between
+        # near-tied candidates on float32 summation-order noise (seen on one CPU with the
+        # critic's extra term), which changes the gradient by far more than rounding. The
+        # triplet is compared under the 'grl' case.
+        config.loss.first_order = "info_nce"
     reference_losses, reference_grads, reference = _three_steps(config, small_split, "shard_map", 1)
     modes = ["shard_map", "pmap"] if adversary == "grl" else ["shard_map"]
     for mode in modes:
@@ -100,12 +107,12 @@ def test_eight_devices_equal_one_device(small_split, adversary):
 def test_wgan_gp_updates_the_critic_and_grl_does_not_freeze_it(small_split):
     config = tiny.get_config()
     config.loss.adversary = "wgan_gp"
-    model = RetrievalModel(train_lib.model_config_for(config))
-    labels = train_lib.param_labels(train_lib.abstract_train_state(config)[1].params, config)
+    model = RetrievalModel(builders.model_config_for(config))
+    labels = train_step.param_labels(builders.abstract_variables(config)[1]["params"], config)
     assert set(jax.tree.leaves(labels["discriminator"])) == {"critic"}
     assert set(jax.tree.leaves(labels["txt"])) == {"bert"}
     config.optim.freeze_bert_layers = 1
-    labels = train_lib.param_labels(train_lib.abstract_train_state(config)[1].params, config)
+    labels = train_step.param_labels(builders.abstract_variables(config)[1]["params"], config)
     assert set(jax.tree.leaves(labels["txt"]["embeddings"])) == {"frozen"}
     assert set(jax.tree.leaves(labels["txt"]["layer_0"])) == {"frozen"}
     assert set(jax.tree.leaves(labels["txt"]["layer_1"])) == {"bert"}
@@ -116,14 +123,14 @@ def test_learning_rate_schedule_matches_the_official_shape():
     config = tiny.get_config()
     config.optim.warmup_steps = 10
     config.optim.decay_ends_warmup_early = True
-    schedule = train_lib.learning_rate_schedule(config, 1.0, total_steps=100)
+    schedule = train_step.learning_rate_schedule(config, 1.0, total_steps=100)
     assert float(schedule(0)) == 0.0
     assert float(schedule(5)) == pytest.approx(0.5)
     assert float(schedule(10)) == pytest.approx(1.0)
     assert float(schedule(90)) == pytest.approx(0.0, abs=1e-6)  # 0 at total - warmup
     assert float(schedule(99)) == pytest.approx(0.0, abs=1e-6)
     config.optim.decay_ends_warmup_early = False
-    schedule = train_lib.learning_rate_schedule(config, 1.0, total_steps=100)
+    schedule = train_step.learning_rate_schedule(config, 1.0, total_steps=100)
     assert float(schedule(55)) == pytest.approx(0.5)
 
 
@@ -200,7 +207,7 @@ RESUME_OVERRIDES = (
 
 
 def _final_params(workdir):
-    _, variables, _, step = checkpointing.restore_for_eval(workdir, step="latest")
+    _, variables, _, step = restore_for_eval(workdir, step="latest")
     return step, jax.device_get(variables)
 
 

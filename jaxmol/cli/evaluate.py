@@ -21,11 +21,12 @@ from jaxmol import evaluation
 from jaxmol.checkpointing import CheckpointError
 from jaxmol.cli import setup_logging
 from jaxmol.data.datasets import DataError
+from jaxmol.scoring import MOMU_INBATCH_SIZE
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Training workdir (holds checkpoints/; results go to eval/).")
 flags.DEFINE_string("split", None, "Split to evaluate, e.g. pcdes/test, chebi20/test, tsv:PATH.")
-flags.DEFINE_enum("protocol", "pool", evaluation.PROTOCOLS, "Retrieval protocol.")
+flags.DEFINE_enum("protocol", "pool", list(evaluation.PROTOCOLS), "Retrieval protocol.")
 flags.DEFINE_string("step", "best", "Checkpoint: 'best', 'latest' or a step number.")
 flags.DEFINE_integer("batch_size", 0, "Embedding batch size; 0 = the run's eval_batch_size.")
 flags.DEFINE_integer("num_devices", -1, "Devices to embed on; -1 = all local devices.")
@@ -33,9 +34,7 @@ flags.DEFINE_enum("parallel", "shard_map", ["shard_map", "pmap"], "Multi-device 
 flags.DEFINE_integer(
     "max_pairs", -1, "> 0: only the first N rows of every split involved (smoke tests)."
 )
-flags.DEFINE_integer(
-    "inbatch_size", evaluation.MOMU_INBATCH_SIZE, "Batch of MoMu's in-batch accuracy."
-)
+flags.DEFINE_integer("inbatch_size", MOMU_INBATCH_SIZE, "Batch of MoMu's in-batch accuracy.")
 flags.mark_flags_as_required(["workdir", "split"])
 
 

@@ -36,9 +36,9 @@ from collections.abc import Iterator, Sequence
 import jraph
 import numpy as np
 
-from jaxmol.data.datasets import PairDataset
-from jaxmol.data.featurize import FeaturizedSplit, featurize_split
-from jaxmol.data.tokenize import TokenizedTexts, Tokenizer, tokenize_texts
+from jaxmol.data.encoding import EncodedSplit
+from jaxmol.data.featurize import FeaturizedSplit
+from jaxmol.data.tokenize import TokenizedTexts
 
 logger = logging.getLogger(__name__)
 
@@ -46,50 +46,6 @@ DEFAULT_TEXT_BUCKETS = (32, 64, 128, 256)
 # Graph budgets grow by this factor per level; the top level always fits the b largest molecules.
 _BUDGET_GROWTH = 2
 _BUDGET_MULTIPLE = 64
-
-
-@dataclasses.dataclass(frozen=True)
-class EncodedSplit:
-    """A split ready for batching: tokenised texts and featurised graphs, aligned by row.
-
-    Attributes:
-      dataset: the `PairDataset` it came from (M rows).
-      tokens: the M tokenised texts.
-      graphs: the M featurised molecules (invalid ones have ``valid`` False).
-      rows: int64 [M'], the rows that can be batched (molecule featurised); M' <= M.
-    """
-
-    dataset: PairDataset
-    tokens: TokenizedTexts
-    graphs: FeaturizedSplit
-    rows: np.ndarray
-
-    @property
-    def skipped(self) -> tuple[tuple[str, str, str], ...]:
-        """(id, SMILES, reason) of every pair left out because its molecule failed."""
-        return self.graphs.failures
-
-
-def encode_split(
-    dataset: PairDataset,
-    tokenizer: Tokenizer,
-    *,
-    featurizer: str = "ogb",
-    on_invalid: str = "error",
-    cache_dir=None,
-) -> EncodedSplit:
-    """Tokenises and featurises a split (features cached on disk, see `featurize_split`)."""
-    if dataset.texts is None:
-        raise ValueError(f"{dataset.name} has no texts; it cannot be batched as pairs")
-    tokens = tokenize_texts(tokenizer, dataset.texts, ids=dataset.ids)
-    graphs = featurize_split(
-        dataset.ids,
-        dataset.smiles,
-        featurizer=featurizer,
-        on_invalid=on_invalid,
-        cache_dir=cache_dir,
-    )
-    return EncodedSplit(dataset, tokens, graphs, np.flatnonzero(graphs.valid))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,6 +119,11 @@ def graph_budgets_for(
         nodes.append(min(nodes[-1] * _BUDGET_GROWTH, cap_nodes))
         edges.append(min(edges[-1] * _BUDGET_GROWTH, cap_edges))
     return GraphBudgets(tuple(nodes), tuple(edges))
+
+
+def buckets_up_to(max_length: int) -> tuple[int, ...]:
+    """The default text buckets below `max_length`, then `max_length` itself."""
+    return (*(b for b in DEFAULT_TEXT_BUCKETS if b < max_length), max_length)
 
 
 def text_bucket(length: int, buckets: Sequence[int]) -> int:
@@ -286,64 +247,103 @@ class PairBatcher:
             raise ValueError(f"{len(rows)} rows for a batch of {B}")
         padded_rows = np.full(B, -1, np.int64)
         padded_rows[: len(rows)] = rows
-        tokens, graphs = self.split.tokens, self.split.graphs
-
-        lengths = np.where(padded_rows >= 0, tokens.lengths[np.maximum(padded_rows, 0)], 0)
-        L = text_bucket(int(lengths.max()), self.text_buckets)
-        text_ids = np.full((B, L), tokens.pad_id, np.int32)
-        text_mask = np.zeros((B, L), np.int32)
-        for i, row in enumerate(padded_rows[: len(rows)]):
-            ids = tokens.text(row)
-            text_ids[i, : len(ids)] = ids
-            text_mask[i, : len(ids)] = 1
-
+        tokens = self.split.tokens
+        lengths = tokens.lengths[np.asarray(rows, np.int64)]
+        L = text_bucket(int(lengths.max()) if len(rows) else 1, self.text_buckets)
+        text_ids, text_mask = pad_texts(tokens, padded_rows, L)  # [B, L] each
         chunk_rows = padded_rows.reshape(D, b)
-        real = chunk_rows >= 0
-        n_node = np.where(real, graphs.n_node[np.maximum(chunk_rows, 0)], 0)  # [D, b]
-        n_edge = np.where(real, graphs.n_edge[np.maximum(chunk_rows, 0)], 0)  # [D, b]
-        level = max(
-            self.graph_budgets.level_for(int(n), int(e))
-            for n, e in zip(n_node.sum(1), n_edge.sum(1), strict=True)
-        )
-        N, E = self.graph_budgets.nodes[level], self.graph_budgets.edges[level]
-        width = graphs.atom_features.shape[1]
-        nodes = np.zeros((D, N, width), np.int32)
-        edges = np.zeros((D, E, graphs.bond_features.shape[1]), np.int32)
-        senders = np.zeros((D, E), np.int32)
-        receivers = np.zeros((D, E), np.int32)
-        for d in range(D):
-            node_cursor = edge_cursor = 0
-            for row in chunk_rows[d][real[d]]:
-                n0, n1 = graphs.node_offsets[row], graphs.node_offsets[row + 1]
-                e0, e1 = graphs.edge_offsets[row], graphs.edge_offsets[row + 1]
-                nodes[d, node_cursor : node_cursor + n1 - n0] = graphs.atom_features[n0:n1]
-                span = slice(edge_cursor, edge_cursor + e1 - e0)
-                edges[d, span] = graphs.bond_features[e0:e1]
-                senders[d, span] = graphs.senders[e0:e1] + node_cursor
-                receivers[d, span] = graphs.receivers[e0:e1] + node_cursor
-                node_cursor += n1 - n0
-                edge_cursor += e1 - e0
-            # jraph padding layout: padding edges connect the first padding node to itself.
-            senders[d, edge_cursor:] = node_cursor
-            receivers[d, edge_cursor:] = node_cursor
-        pad_graph_nodes = N - n_node.sum(1, keepdims=True)
-        pad_graph_edges = E - n_edge.sum(1, keepdims=True)
-        graph_batch = jraph.GraphsTuple(
-            nodes=nodes,
-            edges=edges,
-            senders=senders,
-            receivers=receivers,
-            n_node=np.concatenate([n_node, pad_graph_nodes], 1).astype(np.int32),
-            n_edge=np.concatenate([n_edge, pad_graph_edges], 1).astype(np.int32),
-            globals=None,
-        )
         return {
             "text_ids": text_ids.reshape(D, b, L),
             "text_mask": text_mask.reshape(D, b, L),
-            "graphs": graph_batch,
-            "pair_mask": real,
+            "graphs": pack_graphs(self.split.graphs, chunk_rows, self.graph_budgets),
+            "pair_mask": chunk_rows >= 0,
             "rows": chunk_rows.astype(np.int32),
         }
+
+
+def pad_texts(tokens: TokenizedTexts, rows: np.ndarray, length: int) -> tuple[np.ndarray, ...]:
+    """Pads the texts `rows` of `tokens` to one length.
+
+    Args:
+      tokens: the tokenised texts.
+      rows: int [B], the text of each slot; -1 = an empty slot (all-zero mask).
+      length: L, at least the longest text of `rows`.
+
+    Returns:
+      text_ids int32 [B, L] (the pad id beyond each text) and text_mask int32 [B, L]
+      (1 = real token).
+    """
+    rows = np.asarray(rows, np.int64)
+    text_ids = np.full((len(rows), length), tokens.pad_id, np.int32)  # [B, L]
+    text_mask = np.zeros((len(rows), length), np.int32)  # [B, L]
+    for slot, row in enumerate(rows):
+        if row < 0:
+            continue
+        ids = tokens.text(row)
+        if len(ids) > length:
+            raise ValueError(f"text row {row} has {len(ids)} tokens, more than {length}")
+        text_ids[slot, : len(ids)] = ids
+        text_mask[slot, : len(ids)] = 1
+    return text_ids, text_mask
+
+
+def pack_graphs(
+    graphs: FeaturizedSplit, chunk_rows: np.ndarray, budgets: GraphBudgets
+) -> jraph.GraphsTuple:
+    """Packs molecules into D self-contained, padded jraph graph batches of one static shape.
+
+    Chunk d holds graphs 0..b-1 (molecule `chunk_rows[d, i]`, or zero nodes where it is -1)
+    and graph b, the padding graph that owns the remaining nodes and edges (the layout of
+    `jraph.pad_with_graphs`). Every chunk uses the smallest budget level that fits all chunks.
+
+    Args:
+      graphs: the featurised molecules.
+      chunk_rows: int [D, b], the molecule of each slot; -1 = an empty slot.
+      budgets: the static node/edge budget levels.
+
+    Returns:
+      A `jraph.GraphsTuple` with a leading device axis: nodes int32 [D, N, F], edges int32
+      [D, E, 3], senders/receivers int32 [D, E], n_node/n_edge int32 [D, b + 1].
+    """
+    chunk_rows = np.asarray(chunk_rows, np.int64)
+    D = chunk_rows.shape[0]
+    real = chunk_rows >= 0  # [D, b]
+    n_node = np.where(real, graphs.n_node[np.maximum(chunk_rows, 0)], 0)  # [D, b]
+    n_edge = np.where(real, graphs.n_edge[np.maximum(chunk_rows, 0)], 0)  # [D, b]
+    level = max(
+        budgets.level_for(int(n), int(e)) for n, e in zip(n_node.sum(1), n_edge.sum(1), strict=True)
+    )
+    N, E = budgets.nodes[level], budgets.edges[level]
+    nodes = np.zeros((D, N, graphs.atom_features.shape[1]), np.int32)
+    edges = np.zeros((D, E, graphs.bond_features.shape[1]), np.int32)
+    senders = np.zeros((D, E), np.int32)
+    receivers = np.zeros((D, E), np.int32)
+    for d in range(D):
+        node_cursor = edge_cursor = 0
+        for row in chunk_rows[d][real[d]]:
+            n0, n1 = graphs.node_offsets[row], graphs.node_offsets[row + 1]
+            e0, e1 = graphs.edge_offsets[row], graphs.edge_offsets[row + 1]
+            nodes[d, node_cursor : node_cursor + n1 - n0] = graphs.atom_features[n0:n1]
+            span = slice(edge_cursor, edge_cursor + e1 - e0)
+            edges[d, span] = graphs.bond_features[e0:e1]
+            senders[d, span] = graphs.senders[e0:e1] + node_cursor
+            receivers[d, span] = graphs.receivers[e0:e1] + node_cursor
+            node_cursor += n1 - n0
+            edge_cursor += e1 - e0
+        # jraph padding layout: padding edges connect the first padding node to itself.
+        senders[d, edge_cursor:] = node_cursor
+        receivers[d, edge_cursor:] = node_cursor
+    pad_graph_nodes = N - n_node.sum(1, keepdims=True)
+    pad_graph_edges = E - n_edge.sum(1, keepdims=True)
+    return jraph.GraphsTuple(
+        nodes=nodes,
+        edges=edges,
+        senders=senders,
+        receivers=receivers,
+        n_node=np.concatenate([n_node, pad_graph_nodes], 1).astype(np.int32),
+        n_edge=np.concatenate([n_edge, pad_graph_edges], 1).astype(np.int32),
+        globals=None,
+    )
 
 
 def padding_fractions(batcher: PairBatcher, epoch: int = 0) -> dict:

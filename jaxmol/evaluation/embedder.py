@@ -1,0 +1,185 @@
+"""Batched eval-mode embedding of texts and molecules over all devices of a runner.
+
+One jit-compiled eval-mode forward per batch shape, the variables replicated once, each batch
+split over the devices, the last batch padded and masked. Texts and molecules are embedded
+separately (the model's text-only and molecule-only paths), so a molecule-only split (ChEBI-20
+train molecules), a list of sentences or a user's library can be embedded as well. Host batches
+are built one ahead in a thread, and one device batch stays in flight while the previous one is
+copied back.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from jaxmol.data import batching
+from jaxmol.data.encoding import EncodedSplit
+from jaxmol.data.featurize import FeaturizedSplit
+from jaxmol.data.tokenize import TokenizedTexts
+from jaxmol.parallel import DataParallel
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplicatedVariables:
+    """Variables already laid out for the runner (see `Embedder.replicate`)."""
+
+    tree: Any
+
+
+class Embedder:
+    """Embeds texts and molecules with a model in eval mode over all devices of a runner.
+
+    Every method takes the variables either as one copy ({'params', 'batch_stats'} on any
+    device) or as `ReplicatedVariables` from `replicate` (to replicate once for many calls).
+
+    Args:
+      model: a `RetrievalModel` whose config has ``axis_name=None`` (eval BatchNorm uses running
+        statistics, so no collectives are needed and rows never interact).
+      runner: the `DataParallel` runner; each batch is split over its devices.
+    """
+
+    def __init__(self, model, runner: DataParallel):
+        self.model = model
+        self.runner = runner
+        self.embed_dim = int(model.config.embed_dim)
+
+        def text_fn(variables, text_ids, text_mask):
+            z_txt, _, _ = model.apply(
+                variables, text_ids, text_mask, train=False, method="embed_text"
+            )
+            return (z_txt,)  # [b, d]
+
+        def molecule_fn(variables, graphs):
+            z_mol, _, _ = model.apply(variables, graphs, train=False, method="embed_molecules")
+            return (z_mol,)  # [b, d]
+
+        self._text_fn = runner.run(text_fn, replicated_args=(0,), out_kinds=("sharded",))
+        self._molecule_fn = runner.run(molecule_fn, replicated_args=(0,), out_kinds=("sharded",))
+
+    def replicate(self, variables: Any) -> ReplicatedVariables:
+        """Copies one set of variables to every device of the runner (once)."""
+        if isinstance(variables, ReplicatedVariables):
+            return variables
+        return ReplicatedVariables(self.runner.replicate(variables))
+
+    def global_batch_size(self, batch_size: int) -> int:
+        """`batch_size` rounded up to a multiple of the device count."""
+        num_devices = self.runner.num_devices
+        return -(-max(int(batch_size), 1) // num_devices) * num_devices
+
+    def embed_texts(
+        self,
+        variables: Any,
+        tokens: TokenizedTexts,
+        rows: np.ndarray | None = None,
+        *,
+        batch_size: int,
+    ) -> np.ndarray:
+        """Embeds texts `rows` of `tokens` (default all).
+
+        Texts are batched in order of length (far less padding; rows never interact in eval
+        mode), each batch padded to the smallest length bucket that fits it; padded rows have an
+        all-zero mask and are dropped.
+
+        Returns:
+          float32 [len(rows), d]; row i embeds text rows[i].
+        """
+        rows = np.arange(len(tokens)) if rows is None else np.asarray(rows, np.int64)
+        out = np.zeros((len(rows), self.embed_dim), np.float32)
+        if len(rows) == 0:
+            return out
+        replicated = self.replicate(variables).tree
+        B = self.global_batch_size(batch_size)
+        D = self.runner.num_devices
+        buckets = batching.buckets_up_to(tokens.max_length)
+        order = np.argsort(tokens.lengths[rows], kind="stable")  # [n] positions, short first
+
+        def host_batches() -> Iterator[tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]]:
+            for start in range(0, len(rows), B):
+                positions = order[start : start + B]  # [n_b] output positions
+                slots = np.full(B, -1, np.int64)  # [B] text row per slot, -1 = padding
+                slots[: len(positions)] = rows[positions]
+                L = batching.text_bucket(int(tokens.lengths[rows[positions]].max()), buckets)
+                text_ids, text_mask = batching.pad_texts(tokens, slots, L)  # [B, L] each
+                yield positions, (text_ids.reshape(D, B // D, L), text_mask.reshape(D, B // D, L))
+
+        for positions, z in self._stream(
+            host_batches(), lambda x: self._text_fn(replicated, *self.runner.shard(x))
+        ):
+            out[positions] = z[: len(positions)]  # padded rows come last
+        return out
+
+    def embed_molecules(
+        self,
+        variables: Any,
+        graphs: FeaturizedSplit,
+        rows: np.ndarray | None = None,
+        *,
+        batch_size: int,
+    ) -> np.ndarray:
+        """Embeds molecules `rows` of `graphs` (default every valid one).
+
+        Graphs are packed by `batching.pack_graphs` into static node/edge budget levels derived
+        from `rows`, in per-device chunks; the empty slots of the last batch are dropped.
+
+        Returns:
+          float32 [len(rows), d]; row i embeds molecule rows[i].
+        """
+        rows = np.flatnonzero(graphs.valid) if rows is None else np.asarray(rows, np.int64)
+        out = np.zeros((len(rows), self.embed_dim), np.float32)
+        if len(rows) == 0:
+            return out
+        if not graphs.valid[rows].all():
+            raise ValueError("embed_molecules got rows of molecules that failed featurisation")
+        replicated = self.replicate(variables).tree
+        B = self.global_batch_size(batch_size)
+        D = self.runner.num_devices
+        budgets = batching.graph_budgets_for(graphs.n_node[rows], graphs.n_edge[rows], B // D)
+
+        def host_batches() -> Iterator[tuple[np.ndarray, Any]]:
+            for start in range(0, len(rows), B):
+                slots = np.full(B, -1, np.int64)  # [B] molecule row per slot, -1 = padding
+                slots[: min(B, len(rows) - start)] = rows[start : start + B]
+                positions = np.where(slots >= 0, np.arange(start, start + B), -1)  # [B]
+                yield positions, batching.pack_graphs(graphs, slots.reshape(D, B // D), budgets)
+
+        for positions, z in self._stream(
+            host_batches(), lambda g: self._molecule_fn(replicated, self.runner.shard(g))
+        ):
+            real = positions >= 0
+            out[positions[real]] = z[real]
+        return out
+
+    def embed_split(
+        self, variables: Any, split: EncodedSplit, *, batch_size: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Embeds the text and the molecule of every batchable pair of `split`.
+
+        Returns:
+          text_emb float32 [M', d] and mol_emb float32 [M', d]; row i is pair split.rows[i].
+        """
+        replicated = self.replicate(variables)
+        text_emb = self.embed_texts(replicated, split.tokens, split.rows, batch_size=batch_size)
+        mol_emb = self.embed_molecules(replicated, split.graphs, split.rows, batch_size=batch_size)
+        return text_emb, mol_emb
+
+    def _stream(self, host_batches: Iterator, run) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Runs `run` on each host batch (built one ahead in a thread) and yields
+        (positions, host embeddings [B, d]); one batch stays in flight while the previous one
+        is copied back."""
+        in_flight: collections.deque = collections.deque()
+        for positions, host_batch in batching.prefetch(host_batches, size=2):
+            (z,) = run(host_batch)  # [D, b, d]
+            in_flight.append((positions, z))
+            if len(in_flight) > 1:
+                yield self._fetch(*in_flight.popleft())
+        while in_flight:
+            yield self._fetch(*in_flight.popleft())
+
+    def _fetch(self, positions, z) -> tuple[np.ndarray, np.ndarray]:
+        return positions, np.asarray(z).reshape(-1, self.embed_dim)
