@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxmol.models.layers import masked_mean
+from jaxmol.models.layers import masked_token_mean
 from jaxmol.models.projector import Projector, SharedCrossAttention
 
 D, HEADS, K, H_TXT = 16, 4, 5, 12
@@ -210,7 +210,7 @@ def test_pool_mode_is_masked_mean_of_projections():
     np.testing.assert_array_equal(z_t, e_t)
     np.testing.assert_array_equal(z_m, e_m)
     projected = module.apply(variables, tokens, method="project_text")
-    np.testing.assert_allclose(e_t, masked_mean(projected, text_mask.astype(bool)), atol=1e-6)
+    np.testing.assert_allclose(e_t, masked_token_mean(projected, text_mask.astype(bool)), atol=1e-6)
     nodes_projected = np.asarray(module.apply(variables, nodes, method="project_molecule"))
     np.testing.assert_allclose(e_m[0], nodes_projected[:3].mean(0), atol=1e-5)
     np.testing.assert_allclose(e_m[2], nodes_projected[3:8].mean(0), atol=1e-5)

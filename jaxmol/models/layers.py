@@ -209,7 +209,7 @@ def segment_mean_pool(
     return totals / jnp.maximum(counts, 1.0)[:, None]
 
 
-def masked_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
+def masked_token_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
     """Mean of values [B, L, D] over the positions where mask [B, L] is true -> [B, D].
 
     Rows without any true position give zeros.

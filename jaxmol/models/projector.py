@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxmol.models.layers import TorchDense, masked_mean, segment_mean_pool
+from jaxmol.models.layers import TorchDense, masked_token_mean, segment_mean_pool
 
 _MASKED_LOGIT = -1e30  # finite, so an all-masked row has no inf - inf
 
@@ -206,7 +206,7 @@ class Projector(nn.Module):
         """
         mask = text_mask.astype(bool)  # [b, L]
         projected = self.project_text(token_states)  # [b, L, d]
-        pooled = masked_mean(projected, mask)  # [b, d]
+        pooled = masked_token_mean(projected, mask)  # [b, d]
         if self.mode == "pool":
             return pooled, pooled
         slots = self.attention.attend_dense(self._memory_slots(), projected, mask)  # [b, K, d]
