@@ -532,7 +532,7 @@ def inbatch_order(num_pairs: int, shuffle_seed: int | None = None) -> np.ndarray
         shuffle_seed: None keeps the given order; an integer >= 0 draws
             `np.random.default_rng(shuffle_seed).permutation(N)`, as MoMu's / CMTMR's fine-tuning
             evaluation shuffles its test ids before batching (their draw comes from NumPy's
-            global legacy generator, so the procedure is the same, the permutation is not).
+            unseeded global generator: the procedure is the same, the permutation is not).
 
     Returns:
         [N] int64 pair indices; positions [0, B) form the first batch, and so on.
