@@ -6,7 +6,8 @@ A checkpoint step holds four items:
   saved as one replicated copy, so it restores onto any number of devices;
 * ``data_position``: where the batch stream stands (`jaxmol.data.batching.Position`);
 * ``config``: the resolved run configuration (JSON), so a checkpoint alone can be evaluated;
-* ``metrics``: the validation metrics at that step (may be empty).
+* ``metrics``: the validation metrics measured at that very step (empty when the step was not
+  validated; such a checkpoint never competes for 'best').
 
 Restores always go through an abstract target with explicit shardings (a checkpoint written on 8
 devices restores on 1), and every failure is re-raised as `CheckpointError` naming the directory,
@@ -29,6 +30,8 @@ from orbax.checkpoint.checkpoint_managers import AnyPreservationPolicy, BestN, L
 logger = logging.getLogger(__name__)
 
 ITEMS = ("state", "data_position", "config", "metrics")
+# The step, added to the metrics orbax ranks (not to the saved `metrics` item).
+_STEP_KEY = "_step"
 
 
 class CheckpointError(RuntimeError):
@@ -36,8 +39,11 @@ class CheckpointError(RuntimeError):
 
 
 def _metric_getter(name: str):
-    def get(metrics: dict) -> float:
-        return float(metrics.get(name, float("-inf")))
+    """The ranking key of orbax's BestN: the metric, then the *earlier* step among ties (the
+    step that first reached a score is the one to keep)."""
+
+    def get(metrics: dict) -> tuple[float, int]:
+        return float(metrics.get(name, float("-inf"))), -int(metrics.get(_STEP_KEY, 0))
 
     return get
 
@@ -98,15 +104,16 @@ class Checkpointer:
         return self._manager.latest_step()
 
     def best_step(self) -> int | None:
-        """The step with the highest `best_metric` among kept checkpoints (None if none)."""
+        """The step with the highest `best_metric` among kept checkpoints, the earliest of
+        ties; only checkpoints saved with their own validation metrics compete (None if none)."""
         if not self.best_metric:
             return None
         scored = []
         for step in self.all_steps():
             metrics = self.restore_json(step, "metrics")
             if metrics and self.best_metric in metrics:
-                scored.append((float(metrics[self.best_metric]), step))
-        return max(scored)[1] if scored else None
+                scored.append((float(metrics[self.best_metric]), -step))
+        return -max(scored)[1] if scored else None
 
     def save(
         self,
@@ -126,7 +133,7 @@ class Checkpointer:
                 config=ocp.args.JsonSave(config),
                 metrics=ocp.args.JsonSave(metrics),
             ),
-            metrics=metrics if (metrics and self.best_metric in metrics) else None,
+            metrics={**metrics, _STEP_KEY: step} if self.best_metric in metrics else None,
             force=True,
         )
 

@@ -15,6 +15,7 @@ import pytest
 
 from configs import tiny
 from jaxmol import builders, train_lib, train_step
+from jaxmol.checkpointing import Checkpointer, CheckpointError
 from jaxmol.config import ConfigError, validate_config
 from jaxmol.data.batching import PairBatcher
 from jaxmol.data.datasets import load_split
@@ -176,17 +177,18 @@ def _train_command(workdir, *overrides):
     ]
 
 
-@pytest.mark.parametrize(
-    ("override", "expected"),
-    [
-        ("--config.loss.adverary=grl", "adverary"),  # typo in a key
-        ("--config.batch_size=big", "batch_size"),  # wrong type
-        ("--config.parallel=mpi", "config.parallel"),  # bad value
-    ],
-)
-def test_config_errors_fail_at_start_naming_the_key(tmp_path, override, expected):
+def test_config_typos_and_wrong_types_name_the_key():
+    config = tiny.get_config()
+    config.lock()  # as the CLI's config flag does
+    with pytest.raises(AttributeError, match="adverary"):
+        config.loss.adverary = "grl"
+    with pytest.raises(TypeError, match="batch_size"):
+        config.batch_size = "big"
+
+
+def test_a_config_typo_on_the_command_line_fails_at_start_naming_the_key(tmp_path):
     result = subprocess.run(
-        _train_command(tmp_path / "w", override),
+        _train_command(tmp_path / "w", "--config.loss.adverary=grl"),
         env=_env(),
         capture_output=True,
         text=True,
@@ -194,8 +196,119 @@ def test_config_errors_fail_at_start_naming_the_key(tmp_path, override, expected
         cwd=REPO,
     )
     assert result.returncode != 0
-    assert expected in result.stderr
+    assert "adverary" in result.stderr
     assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# A tiny run in process: what training returns and writes.
+
+IN_PROCESS_STEPS = 4
+
+
+def _in_process_config():
+    config = tiny.get_config()
+    config.num_steps = IN_PROCESS_STEPS
+    config.eval_every_steps = 2  # validated at 2 and 4; checkpoints 1 and 3 are not
+    config.checkpoint_every_steps = 1
+    config.keep_checkpoints = 10
+    config.log_every_steps = 1
+    config.data.max_eval_pairs = 24
+    config.data.test_splits = ("pcdes/test",)
+    return config
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("in_process")
+    results = train_lib.train_and_evaluate(_in_process_config(), str(workdir))
+    return workdir, results
+
+
+def test_training_returns_and_writes_the_test_metrics(trained_run):
+    workdir, results = trained_run
+    assert list(results) == ["pcdes/test"]
+    report = results["pcdes/test"]
+    assert report["checkpoint_step"] == IN_PROCESS_STEPS
+    for direction in ("t2m", "m2t"):
+        assert 0.0 <= report[direction]["mrr"] <= 1.0
+        assert report[direction]["num_queries"] == report[direction]["pool_size"] > 0
+    written = json.loads((workdir / "eval" / "pcdes_test__pool.json").read_text())
+    assert written["t2m"] == report["t2m"] and written["m2t"] == report["m2t"]
+    assert json.loads((workdir / "config.json").read_text())["num_steps"] == IN_PROCESS_STEPS
+    log = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == list(range(1, IN_PROCESS_STEPS + 1))
+    assert all(np.isfinite(r["loss"]) for r in log if "loss" in r)
+    assert [r["step"] for r in log if "val/mean_mrr" in r] == [2, 4]
+
+
+def test_each_checkpoint_carries_only_the_validation_of_its_own_step(trained_run):
+    workdir, _ = trained_run
+    log = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    logged = {r["step"]: r["val/mean_mrr"] for r in log if "val/mean_mrr" in r}
+    checkpointer = Checkpointer(workdir / "checkpoints", read_only=True, async_save=False)
+    saved = {step: checkpointer.restore_json(step, "metrics") for step in checkpointer.all_steps()}
+    assert sorted(saved) == [1, 2, 3, 4]
+    assert saved[1] == saved[3] == {}  # not validated there: never "best" with another's score
+    for step in (2, 4):
+        assert saved[step]["val/mean_mrr"] == pytest.approx(logged[step])
+    checkpointer.best_metric = "val/mean_mrr"
+    best = checkpointer.best_step()
+    checkpointer.close()
+    assert logged[best] == max(logged.values()) and best in (2, 4)
+
+
+def test_resuming_under_a_changed_model_config_is_refused_naming_the_key(trained_run):
+    workdir, _ = trained_run
+    config = _in_process_config()
+    config.model.gin_dim = 48
+    with pytest.raises(CheckpointError, match=r"model\.gin_dim: 32 -> 48"):
+        train_lib.setup(config, workdir)
+
+
+def test_restore_for_eval_builds_no_optimiser(trained_run):
+    """optax cannot even be imported: restoring must not build or read optimiser state."""
+    workdir, _ = trained_run
+    code = (
+        "import sys; sys.modules['optax'] = None\n"
+        "from jaxmol.evaluation import restore_for_eval\n"
+        f"model, variables, config, step = restore_for_eval({str(workdir)!r}, 'latest')\n"
+        "assert set(variables) == {'params', 'batch_stats'}, set(variables)\n"
+        "assert step == 4, step\n"
+        "print('restored', step)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=_env(1), capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "restored 4" in done.stdout
+
+
+def test_a_checkpoint_is_written_only_after_its_steps_were_checked_finite(tmp_path, monkeypatch):
+    """A NaN at step 2, with checkpoints every 3 steps and no log step before 6: the run must
+    stop at the checkpoint of step 3 (before writing it), naming step 2."""
+    compile_step = train_lib.compile_train_step
+
+    def with_nan_at_step_2(*args, **kwargs):
+        step_fn = compile_step(*args, **kwargs)
+
+        def run(state, batch):
+            state, metrics = step_fn(state, batch)
+            poisoned = jax.numpy.where(state.step == 2, jax.numpy.nan, metrics["loss"])
+            return state, {**metrics, "loss": poisoned}
+
+        return run
+
+    monkeypatch.setattr(train_lib, "compile_train_step", with_nan_at_step_2)
+    config = tiny.get_config()
+    config.num_steps = 6
+    config.checkpoint_every_steps = 3
+    config.log_every_steps = 100
+    config.data.val_split = ""
+    config.data.test_splits = ()
+    with pytest.raises(train_lib.NonFiniteLossError, match="at step 2"):
+        train_lib.train_and_evaluate(config, str(tmp_path))
+    assert _checkpoint_steps(tmp_path) == []
 
 
 RESUME_OVERRIDES = (
