@@ -361,7 +361,7 @@ def retrieval_metrics(
     return metrics_from_ranks(counts, ks=ks, pool_size=np.shape(scores)[1])
 
 
-def _l2_normalize_rows(embeddings: np.ndarray, name: str) -> np.ndarray:
+def l2_normalize_rows(embeddings: np.ndarray, name: str = "embeddings") -> np.ndarray:
     """Validates a finite [N, D] embedding matrix and returns its rows at unit L2 norm.
 
     The division runs in float64 and the result is rounded once to float32, the dtype every
@@ -464,8 +464,8 @@ def rank_counts_from_embeddings(
     """
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-    queries = _l2_normalize_rows(query_emb, "query_emb")  # [Q, D]
-    candidates = _l2_normalize_rows(cand_emb, "cand_emb")  # [C, D]
+    queries = l2_normalize_rows(query_emb, "query_emb")  # [Q, D]
+    candidates = l2_normalize_rows(cand_emb, "cand_emb")  # [C, D]
     if queries.shape[1] != candidates.shape[1]:
         raise ValueError(
             f"query_emb and cand_emb must share the embedding size D, "
@@ -580,8 +580,8 @@ def inbatch_top1_accuracy(
             bad shuffle_seed.
     """
     batch_size = _check_positive_int(batch_size, "batch_size")
-    queries = _l2_normalize_rows(query_emb, "query_emb")  # [N, D]
-    candidates = _l2_normalize_rows(cand_emb, "cand_emb")  # [N, D]
+    queries = l2_normalize_rows(query_emb, "query_emb")  # [N, D]
+    candidates = l2_normalize_rows(cand_emb, "cand_emb")  # [N, D]
     if queries.shape != candidates.shape:
         raise ValueError(
             "in-batch accuracy needs aligned pairs: query_emb and cand_emb must have the same "

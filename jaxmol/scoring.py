@@ -8,6 +8,7 @@ i), MoMu's sentence splitting and paragraph scores, and MoMu's in-batch accuracy
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -15,55 +16,93 @@ import numpy as np
 from jaxmol import metrics as metrics_lib
 
 MOMU_INBATCH_SIZE = 64
+# The official fine-tuning evaluation shuffles the test pairs (unseeded) before cutting batches
+# of 64; we shuffle with this recorded seed (None = file order, the earlier behaviour).
+MOMU_SHUFFLE_SEED = 0
 MOMU_RECALL_K = 20
 # MoMu/CMTMR sentence splitting: pieces between '.' with fewer than this many space-separated
 # fields are dropped (shortest first) while more than one piece remains.
 MIN_SENTENCE_WORDS = 5
 
 
-def pool_metrics_from_embeddings(
-    text_emb: np.ndarray, mol_emb: np.ndarray, *, ks: Sequence[int] = metrics_lib.DEFAULT_KS
+def both_directions(
+    t2m: metrics_lib.RankCounts,
+    m2t: metrics_lib.RankCounts,
+    *,
+    num_texts: int,
+    num_molecules: int,
+    ks: Sequence[int] = metrics_lib.DEFAULT_KS,
 ) -> dict:
-    """Full-pool metrics of aligned pairs (text i <-> molecule i), both directions.
+    """Metric blocks of both directions from their tie-aware rank counts.
 
     Returns:
-      {'t2m': metrics, 'm2t': metrics, 't2m_ranks': int64 [N], 'm2t_ranks': int64 [N]}.
+      {'t2m': metrics, 'm2t': metrics, 't2m_ranks': int64 [Q] optimistic ranks,
+      't2m_num_tied': int64 [Q], and the same for 'm2t'}.
     """
-    gold = np.arange(len(text_emb))
-    t2m_ranks = metrics_lib.ranks_from_embeddings(text_emb, mol_emb, gold)
-    m2t_ranks = metrics_lib.ranks_from_embeddings(mol_emb, text_emb, gold)
     return {
-        "t2m": metrics_lib.metrics_from_ranks(t2m_ranks, ks=ks, pool_size=len(mol_emb)),
-        "m2t": metrics_lib.metrics_from_ranks(m2t_ranks, ks=ks, pool_size=len(text_emb)),
-        "t2m_ranks": t2m_ranks,
-        "m2t_ranks": m2t_ranks,
+        "t2m": metrics_lib.metrics_from_ranks(t2m, ks=ks, pool_size=num_molecules),
+        "m2t": metrics_lib.metrics_from_ranks(m2t, ks=ks, pool_size=num_texts),
+        "t2m_ranks": 1 + t2m.num_higher,
+        "t2m_num_tied": t2m.num_tied,
+        "m2t_ranks": 1 + m2t.num_higher,
+        "m2t_num_tied": m2t.num_tied,
     }
 
 
-def _add_momu_fields(result: dict, t2m_inbatch: float, m2t_inbatch: float, inbatch_size: int):
+def pool_metrics_from_embeddings(
+    text_emb: np.ndarray, mol_emb: np.ndarray, *, ks: Sequence[int] = metrics_lib.DEFAULT_KS
+) -> dict:
+    """Full-pool metrics of aligned pairs (text i <-> molecule i), both directions, tie-aware.
+
+    Returns:
+      See `both_directions`.
+    """
+    gold = np.arange(len(text_emb))
+    return both_directions(
+        metrics_lib.rank_counts_from_embeddings(text_emb, mol_emb, gold),
+        metrics_lib.rank_counts_from_embeddings(mol_emb, text_emb, gold),
+        num_texts=len(text_emb),
+        num_molecules=len(mol_emb),
+        ks=ks,
+    )
+
+
+def _add_momu_fields(
+    result: dict, t2m_inbatch: float, m2t_inbatch: float, inbatch_size: int, seed: int | None
+) -> dict:
     for direction, accuracy in (("t2m", t2m_inbatch), ("m2t", m2t_inbatch)):
         block = result[direction]
         block[f"inbatch_acc@{inbatch_size}"] = accuracy
         block["inbatch_size"] = inbatch_size
+        block["inbatch_shuffle_seed"] = seed  # None: batches cut in file order
         block[f"recall@{MOMU_RECALL_K}"] = block[f"hits@{MOMU_RECALL_K}"]
     return result
 
 
 def momu_metrics_from_embeddings(
-    text_emb: np.ndarray, mol_emb: np.ndarray, *, inbatch_size: int = MOMU_INBATCH_SIZE
+    text_emb: np.ndarray,
+    mol_emb: np.ndarray,
+    *,
+    inbatch_size: int = MOMU_INBATCH_SIZE,
+    shuffle_seed: int | None = MOMU_SHUFFLE_SEED,
 ) -> dict:
     """MoMu's paragraph protocol on aligned pairs (text i <-> molecule i).
 
     Each direction gets the full-pool metrics of `pool_metrics_from_embeddings`, plus
-    'inbatch_acc@<inbatch_size>' (top-1 inside consecutive batches of the pair order) and
-    'recall@20' (= hits@20 of the full pool).
+    'inbatch_acc@<inbatch_size>' (top-1 inside batches of the pairs shuffled with
+    `shuffle_seed`, as the official fine-tuning evaluation does; None = file order),
+    'inbatch_shuffle_seed' and 'recall@20' (= hits@20 of the full pool).
     """
     result = pool_metrics_from_embeddings(text_emb, mol_emb)
+    accuracy = functools.partial(
+        metrics_lib.inbatch_top1_accuracy, batch_size=inbatch_size, shuffle_seed=shuffle_seed
+    )
     return _add_momu_fields(
         result,
-        metrics_lib.inbatch_top1_accuracy(text_emb, mol_emb, batch_size=inbatch_size),
-        metrics_lib.inbatch_top1_accuracy(mol_emb, text_emb, batch_size=inbatch_size),
+        accuracy(text_emb, mol_emb),
+        accuracy(mol_emb, text_emb),
         inbatch_size,
+        shuffle_seed,
     )
 
 
@@ -93,13 +132,6 @@ def split_sentences(paragraph: str) -> list[str]:
     return sentences or [paragraph.strip()]
 
 
-def _unit_rows(embeddings: np.ndarray) -> np.ndarray:
-    """Rows at unit L2 norm (float64 division, float32 result, as `jaxmol.metrics`)."""
-    embeddings = np.asarray(embeddings, np.float64)
-    norms = np.linalg.norm(embeddings, axis=1, keepdims=True)  # [N, 1]
-    return (embeddings / np.maximum(norms, 1e-12)).astype(np.float32)
-
-
 def sentence_paragraph_scores(
     sentence_emb: np.ndarray, sentence_paragraph: np.ndarray, mol_emb: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -124,38 +156,35 @@ def sentence_paragraph_scores(
     if (counts == 0).any():
         raise ValueError(f"paragraphs without sentences: {np.flatnonzero(counts == 0)[:5]}")
     sums = np.zeros((num_paragraphs, sentence_emb.shape[1]), np.float64)  # [P, d]
-    np.add.at(sums, sentence_paragraph, _unit_rows(sentence_emb).astype(np.float64))
+    np.add.at(
+        sums,
+        sentence_paragraph,
+        metrics_lib.l2_normalize_rows(sentence_emb, "sentence_emb").astype(np.float64),
+    )
     paragraph_emb = (sums / counts[:, None]).astype(np.float32)  # [P, d]
-    return paragraph_emb, paragraph_emb @ _unit_rows(mol_emb).T
+    return paragraph_emb, paragraph_emb @ metrics_lib.l2_normalize_rows(mol_emb, "mol_emb").T
 
 
-def inbatch_top1_accuracy_from_scores(scores: np.ndarray, *, batch_size: int) -> float:
-    """`metrics.inbatch_top1_accuracy` on a precomputed [N, N] score matrix of aligned pairs:
-    row i's query counts as correct when column i ranks first inside its batch's block."""
-    num_correct = 0
-    for start in range(0, scores.shape[0], batch_size):
-        stop = min(start + batch_size, scores.shape[0])
-        block = scores[start:stop, start:stop]  # [b, b]
-        ranks = metrics_lib.ranks_from_scores(block, np.arange(stop - start))
-        num_correct += int(np.count_nonzero(ranks == 1))
-    return num_correct / scores.shape[0]
-
-
-def momu_metrics_from_scores(scores: np.ndarray, *, inbatch_size: int = MOMU_INBATCH_SIZE) -> dict:
+def momu_metrics_from_scores(
+    scores: np.ndarray,
+    *,
+    inbatch_size: int = MOMU_INBATCH_SIZE,
+    shuffle_seed: int | None = MOMU_SHUFFLE_SEED,
+) -> dict:
     """MoMu's metrics from an [N, N] text–molecule score matrix of aligned pairs (text i,
     molecule i); 't2m' ranks the rows' molecules, 'm2t' the columns' texts."""
     gold = np.arange(scores.shape[0])
-    t2m_ranks = metrics_lib.ranks_from_scores(scores, gold)
-    m2t_ranks = metrics_lib.ranks_from_scores(scores.T, gold)
-    result = {
-        "t2m": metrics_lib.metrics_from_ranks(t2m_ranks, pool_size=scores.shape[1]),
-        "m2t": metrics_lib.metrics_from_ranks(m2t_ranks, pool_size=scores.shape[0]),
-        "t2m_ranks": t2m_ranks,
-        "m2t_ranks": m2t_ranks,
-    }
+    result = both_directions(
+        metrics_lib.rank_counts_from_scores(scores, gold),
+        metrics_lib.rank_counts_from_scores(scores.T, gold),
+        num_texts=scores.shape[0],
+        num_molecules=scores.shape[1],
+    )
+    accuracy = functools.partial(
+        metrics_lib.inbatch_top1_accuracy_from_scores,
+        batch_size=inbatch_size,
+        shuffle_seed=shuffle_seed,
+    )
     return _add_momu_fields(
-        result,
-        inbatch_top1_accuracy_from_scores(scores, batch_size=inbatch_size),
-        inbatch_top1_accuracy_from_scores(scores.T, batch_size=inbatch_size),
-        inbatch_size,
+        result, accuracy(scores), accuracy(scores.T), inbatch_size, shuffle_seed
     )

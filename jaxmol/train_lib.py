@@ -265,6 +265,7 @@ def evaluate_test_splits(run: TrainRun, state: TrainState, step: int) -> dict:
             max_pairs=run.config.data.max_eval_pairs,
             workdir=run.workdir,
             checkpoint_step=step,
+            weights=f"final weights: step {step}, end of training",
         )
     if results:
         print(evaluation.format_table(results))

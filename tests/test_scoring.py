@@ -5,7 +5,7 @@ import sys
 
 import numpy as np
 
-from jaxmol import scoring
+from jaxmol import metrics, scoring
 
 
 def test_scoring_imports_no_jax():
@@ -68,7 +68,7 @@ def test_momu_metrics_from_scores_match_embedding_version():
     text_emb = rng.normal(size=(23, 4)).astype(np.float32)
     mol_emb = text_emb + rng.normal(scale=1.5, size=(23, 4)).astype(np.float32)
     from_emb = scoring.momu_metrics_from_embeddings(text_emb, mol_emb, inbatch_size=8)
-    scores = scoring._unit_rows(text_emb) @ scoring._unit_rows(mol_emb).T  # [N, N]
+    scores = metrics.l2_normalize_rows(text_emb) @ metrics.l2_normalize_rows(mol_emb).T  # [N, N]
     from_scores = scoring.momu_metrics_from_scores(scores, inbatch_size=8)
     for direction in ("t2m", "m2t"):
         assert from_emb[direction] == from_scores[direction]

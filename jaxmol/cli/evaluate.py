@@ -21,7 +21,7 @@ from jaxmol import evaluation
 from jaxmol.checkpointing import CheckpointError
 from jaxmol.cli import setup_logging
 from jaxmol.data.datasets import DataError
-from jaxmol.scoring import MOMU_INBATCH_SIZE
+from jaxmol.scoring import MOMU_INBATCH_SIZE, MOMU_SHUFFLE_SEED
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Training workdir (holds checkpoints/; results go to eval/).")
@@ -35,6 +35,15 @@ flags.DEFINE_integer(
     "max_pairs", -1, "> 0: only the first N rows of every split involved (smoke tests)."
 )
 flags.DEFINE_integer("inbatch_size", MOMU_INBATCH_SIZE, "Batch of MoMu's in-batch accuracy.")
+flags.DEFINE_integer(
+    "inbatch_seed",
+    MOMU_SHUFFLE_SEED,
+    "Seed of the shuffle before MoMu's in-batch batches (the official procedure shuffles); "
+    "-1 = file order.",
+)
+flags.DEFINE_bool(
+    "plots", False, "Also draw the evaluation pictures (PNG + CSV/JSON) into WORKDIR/plots/."
+)
 flags.mark_flags_as_required(["workdir", "split"])
 
 
@@ -63,11 +72,13 @@ def main(argv):
             parallel=FLAGS.parallel,
             max_pairs=FLAGS.max_pairs,
             inbatch_size=FLAGS.inbatch_size,
+            inbatch_seed=FLAGS.inbatch_seed if FLAGS.inbatch_seed >= 0 else None,
         )
     except (CheckpointError, DataError, evaluation.ProtocolError) as error:
         print(f"evaluate.py: error: {error}", file=sys.stderr)
         sys.exit(2)
-    print(f"checkpoint step {report['checkpoint_step']}, tie policy: {report['tie_policy']}")
+    print(f"weights: {report['weights']}")
+    print(f"tie policy: {report['tie_policy']}")
     if report["num_skipped"]:
         ids = ", ".join(f"{s['split']}:{s['id']}" for s in report["skipped"])
         print(f"{report['num_skipped']} pairs excluded (molecule not featurisable): {ids}")
@@ -79,6 +90,26 @@ def main(argv):
     print(evaluation.format_table({report["split"]: report}))
     for path in report["files"].values():
         print(f"wrote {os.path.join(FLAGS.workdir, path)}")
+    if FLAGS.plots:
+        from jaxmol import plots  # matplotlib only when pictures are asked for
+
+        out_dir = os.path.join(FLAGS.workdir, "plots")
+        files = plots.plot_evaluation(
+            os.path.join(FLAGS.workdir, report["files"]["npz"]),
+            os.path.join(FLAGS.workdir, report["files"]["json"]),
+            out_dir,
+        )
+        for path in _flat_paths(files):
+            print(f"wrote {path}")
+
+
+def _flat_paths(files) -> list[str]:
+    """Every path in what a plots function returned (a path, or nested lists/dicts of them)."""
+    if isinstance(files, dict):
+        return [p for value in files.values() for p in _flat_paths(value)]
+    if isinstance(files, list | tuple):
+        return [p for value in files for p in _flat_paths(value)]
+    return [str(files)]
 
 
 def run() -> None:

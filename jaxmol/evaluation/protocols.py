@@ -61,6 +61,8 @@ class EvalContext:
       batch_size: pairs per embedding batch (rounded up to a multiple of the device count).
       max_pairs: > 0 uses only the first N rows of every split involved (smoke tests).
       inbatch_size: the batch of MoMu's in-batch accuracy.
+      inbatch_seed: the seed of MoMu's shuffle before cutting in-batch batches (None: file
+        order).
     """
 
     embedder: Embedder
@@ -69,6 +71,7 @@ class EvalContext:
     batch_size: int
     max_pairs: int = -1
     inbatch_size: int = scoring.MOMU_INBATCH_SIZE
+    inbatch_seed: int | None = scoring.MOMU_SHUFFLE_SEED
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,7 +138,10 @@ def run_momu(context: EvalContext, split_name: str) -> ProtocolOutput:
     pool = run_pool(context, split_name)
     arrays = pool.arrays
     result = scoring.momu_metrics_from_embeddings(
-        arrays["text_emb"], arrays["mol_emb"], inbatch_size=context.inbatch_size
+        arrays["text_emb"],
+        arrays["mol_emb"],
+        inbatch_size=context.inbatch_size,
+        shuffle_seed=context.inbatch_seed,
     )
     return ProtocolOutput(result, pool.fields, arrays)
 
@@ -159,7 +165,9 @@ def run_momu_sentence(context: EvalContext, split_name: str) -> ProtocolOutput:
     paragraph_emb, scores = scoring.sentence_paragraph_scores(
         sentence_emb, sentence_paragraph, mol_emb
     )
-    result = scoring.momu_metrics_from_scores(scores, inbatch_size=context.inbatch_size)
+    result = scoring.momu_metrics_from_scores(
+        scores, inbatch_size=context.inbatch_size, shuffle_seed=context.inbatch_seed
+    )
     fields["num_sentences"] = len(sentences)
     arrays = {"query_ids": ids, "text_ids": ids, "text_emb": paragraph_emb}
     arrays |= {"mol_ids": ids, "mol_emb": mol_emb}
@@ -224,14 +232,13 @@ def run_text2mol(context: EvalContext, split_name: str) -> ProtocolOutput:
     text_index = {identifier: i for i, identifier in enumerate(text_ids)}
     query_in_mols = np.asarray([mol_index[i] for i in query_ids])  # [Q] gold of t2m
     query_in_texts = np.asarray([text_index[i] for i in query_ids])  # [Q] gold of m2t
-    t2m_ranks = metrics_lib.ranks_from_embeddings(text_emb[query_in_texts], mol_emb, query_in_mols)
-    m2t_ranks = metrics_lib.ranks_from_embeddings(mol_emb[query_in_mols], text_emb, query_in_texts)
-    result = {
-        "t2m": metrics_lib.metrics_from_ranks(t2m_ranks, ks=TEXT2MOL_KS, pool_size=len(mol_ids)),
-        "m2t": metrics_lib.metrics_from_ranks(m2t_ranks, ks=TEXT2MOL_KS, pool_size=len(text_ids)),
-        "t2m_ranks": t2m_ranks,
-        "m2t_ranks": m2t_ranks,
-    }
+    result = scoring.both_directions(
+        metrics_lib.rank_counts_from_embeddings(text_emb[query_in_texts], mol_emb, query_in_mols),
+        metrics_lib.rank_counts_from_embeddings(mol_emb[query_in_mols], text_emb, query_in_texts),
+        num_texts=len(text_ids),
+        num_molecules=len(mol_ids),
+        ks=TEXT2MOL_KS,
+    )
     skipped = []
     for name, (_, graphs) in loaded.items():
         skipped += _skipped(name, graphs.failures)
@@ -285,6 +292,8 @@ def evaluate_split(
     checkpoint_step: int,
     max_pairs: int = -1,
     inbatch_size: int = scoring.MOMU_INBATCH_SIZE,
+    inbatch_seed: int | None = scoring.MOMU_SHUFFLE_SEED,
+    weights: str = "",
 ) -> dict:
     """Evaluates one split with one protocol and writes its result files.
 
@@ -299,6 +308,8 @@ def evaluate_split(
       checkpoint_step: recorded in the result.
       max_pairs: > 0 uses only the first N rows of every split involved (smoke tests).
       inbatch_size: the batch of MoMu's in-batch accuracy.
+      inbatch_seed: the seed of MoMu's shuffle before cutting batches (None: file order).
+      weights: which weights these are, in words (recorded as 'weights').
 
     Returns:
       The JSON report: 't2m' and 'm2t' metric blocks, 'split', 'protocol', 'checkpoint_step',
@@ -312,7 +323,13 @@ def evaluate_split(
     check_protocol(split_name, protocol)
     start = time.perf_counter()
     context = EvalContext(
-        embedder, embedder.replicate(variables), encoder, batch_size, max_pairs, inbatch_size
+        embedder,
+        embedder.replicate(variables),
+        encoder,
+        batch_size,
+        max_pairs,
+        inbatch_size,
+        inbatch_seed,
     )
     output = PROTOCOLS[protocol](context, split_name)
     logger.info("%s (%s) evaluated in %.1f s", split_name, protocol, time.perf_counter() - start)
@@ -320,6 +337,7 @@ def evaluate_split(
         "split": split_name,
         "protocol": protocol,
         "checkpoint_step": int(checkpoint_step),
+        "weights": weights or f"step {int(checkpoint_step)}",
         "tie_policy": metrics_lib.TIE_POLICY,
         "t2m": output.metrics["t2m"],
         "m2t": output.metrics["m2t"],
@@ -330,8 +348,11 @@ def evaluate_split(
     if workdir is not None:
         arrays = {
             **output.arrays,
-            "t2m_ranks": output.metrics["t2m_ranks"],
-            "m2t_ranks": output.metrics["m2t_ranks"],
+            **{
+                f"{direction}_{key}": output.metrics[f"{direction}_{key}"]
+                for direction in ("t2m", "m2t")
+                for key in ("ranks", "num_tied")
+            },
         }
         report["files"] = report_lib.write_result(workdir, split_name, protocol, report, arrays)
     return report

@@ -20,7 +20,7 @@ from jaxmol.evaluation.embedder import Embedder
 from jaxmol.evaluation.protocols import check_protocol, evaluate_split
 from jaxmol.models.retrieval import RetrievalModel
 from jaxmol.parallel import DataParallel, select_devices
-from jaxmol.scoring import MOMU_INBATCH_SIZE
+from jaxmol.scoring import MOMU_INBATCH_SIZE, MOMU_SHUFFLE_SEED
 
 
 def restore_for_eval(
@@ -81,6 +81,7 @@ def evaluate_checkpoint(
     parallel: str = "shard_map",
     max_pairs: int = -1,
     inbatch_size: int = MOMU_INBATCH_SIZE,
+    inbatch_seed: int | None = MOMU_SHUFFLE_SEED,
 ) -> dict:
     """Restores a training workdir's model (no optimiser state) and evaluates one split.
 
@@ -89,7 +90,7 @@ def evaluate_checkpoint(
 
     Args:
       workdir: a training workdir (with ``checkpoints/``); results go to its ``eval/``.
-      split_name, protocol, max_pairs, inbatch_size: as `evaluate_split`.
+      split_name, protocol, max_pairs, inbatch_size, inbatch_seed: as `evaluate_split`.
       step: 'best', 'latest' or a step number.
       batch_size: embedding batch; <= 0 uses the run's ``eval_batch_size``.
       num_devices: devices to embed on (-1: all local devices).
@@ -106,6 +107,7 @@ def evaluate_checkpoint(
     check_protocol(split_name, protocol)
     datasets.load_split(split_name)  # a bad split name fails before the (slow) restore
     model, variables, config, restored_step = restore_for_eval(workdir, step)
+    weights = describe_weights(step, restored_step, config)
     embedder = Embedder(model, DataParallel(parallel, select_devices(num_devices)))
     return evaluate_split(
         embedder,
@@ -118,4 +120,18 @@ def evaluate_checkpoint(
         checkpoint_step=restored_step,
         max_pairs=max_pairs,
         inbatch_size=inbatch_size,
+        inbatch_seed=inbatch_seed,
+        weights=weights,
     )
+
+
+def describe_weights(requested: int | str, step: int, config: ml_collections.ConfigDict) -> str:
+    """Which weights a restore picked, in words (the paper reports final weights)."""
+    if requested == "best":
+        return (
+            f"best validation checkpoint: step {step} by {config.best_metric} (the paper "
+            "reports final weights: --step latest after a finished run)"
+        )
+    if requested == "latest":
+        return f"latest checkpoint: step {step} (final weights when the run finished)"
+    return f"checkpoint of step {step}"
