@@ -11,7 +11,7 @@ Two runners execute the same function:
   replicated (`P()`), the batch is split along its leading axis (`P('data')`). It runs with
   ``check_vma=False``: with the default check, differentiating through replicated parameters
   already sums the gradient over devices and the `pmean` would then leave it D times too large
-  (DESIGN.md §5); without the check the semantics are exactly pmap's.
+  (docs/design.md §4); without the check the semantics are exactly pmap's.
 * ``'pmap'``: `jax.pmap` with axis name 'data'; the state is stacked [D, ...].
 
 A single device is the shard_map runner on a one-device mesh, so there is one code path.

@@ -66,7 +66,8 @@ class ModelConfig:
       num_heads: heads of the shared cross-attention (4).
       projector: 'memory' (CMTMR) or 'pool' (masked mean pooling ablation).
       head_bn_stats: 'per_modality' (separate running statistics for texts and molecules, the
-        default, DESIGN §3) or 'shared' (one set, updated text then molecule: the official code).
+        default, docs/design.md §3) or 'shared' (one set, updated text then molecule: the
+        official code).
       temperature_init: initial value of the learnable `temp` (z is scaled by exp(temp)).
       disc_hidden: hidden widths of the modality discriminator.
       disc_negative_slope: LeakyReLU slope of the discriminator.
