@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from jaxmol.configs import default as paper_settings
+
 _CHOICES = {
     "parallel": ("shard_map", "pmap"),
     "model.text_init": ("pretrained", "random"),
@@ -91,7 +93,6 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
 
 
 def default_config() -> ml_collections.ConfigDict:
-    """TEMPORARY: today's defaults (to move into this module)."""
-    from configs import default
-
-    return default.get_config()
+    """Today's defaults: every key a run config has, at the paper settings
+    (``configs/default.py``, shipped inside the package as ``jaxmol.configs.default``)."""
+    return paper_settings.get_config()
