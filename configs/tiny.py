@@ -2,6 +2,7 @@
 of PCdes, a few steps. Finishes in well under a minute on a CPU.
 
     python train.py --config configs/tiny.py --workdir /tmp/tiny
+    jaxmol-train --config tiny --workdir /tmp/tiny --data_dir /path/to/jaxmol/data  # installed
 """
 
 from configs import default

@@ -1,6 +1,33 @@
-"""The command-line entry points (`train`, `evaluate`) and their shared set-up."""
+"""The command-line entry points (`train`, `evaluate`) and their shared set-up.
 
+Config files. `--config` takes a path to a `get_config()` module or the name of a shipped config
+(`default`, `quickstart`, `pcdes`, `tiny`: the files of `jaxmol/configs/`, which in a checkout is
+a link to the top-level `configs/`). A config file may import its sibling configs as
+`configs.<name>` (e.g. `from configs import default`): the directory of the file given is bound
+to the package name `configs`, so this works in a checkout, from an installed wheel, and for a
+copy of the folder elsewhere, whatever the current directory.
+
+Data. The shipped splits are read from `--data_dir`, else `$JAXMOL_DATA_DIR`, else the
+checkout's `data/` (a wheel carries no data: point `--data_dir` at a checkout's `data/`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
 import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+# The shipped configs inside the package (a link to the top-level configs/ in a checkout).
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# The package name under which a config file's siblings are importable.
+CONFIG_PACKAGE = "configs"
+DATA_ENV = "JAXMOL_DATA_DIR"
+MANIFEST_NAME = "MANIFEST.json"
+
+logger = logging.getLogger(__name__)
 
 
 def setup_logging() -> None:
@@ -9,3 +36,155 @@ def setup_logging() -> None:
     logging.getLogger().setLevel(logging.INFO)
     logging.getLogger("absl").setLevel(logging.WARNING)
     logging.getLogger("jax").setLevel(logging.WARNING)
+
+
+# ---------------------------------------------------------------------------------------------
+# Config files.
+# ---------------------------------------------------------------------------------------------
+
+
+def shipped_config_names() -> list[str]:
+    """Names accepted by `--config` besides a path: the modules of `jaxmol/configs/`."""
+    if not CONFIG_DIR.is_dir():
+        return []
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.py") if p.stem != "__init__")
+
+
+def resolve_config_path(value: str) -> str:
+    """`value` unchanged when it names an existing file, else the shipped config of that name.
+
+    An ml_collections `:argument` suffix is kept. A value that is neither is returned unchanged
+    (the config flag then reports the missing file).
+    """
+    path, sep, rest = value.partition(":")
+    if os.path.isfile(path):
+        return value
+    name = path.removesuffix(".py")
+    if name in shipped_config_names():
+        return str(CONFIG_DIR / f"{name}.py") + sep + rest
+    return value
+
+
+def bind_config_package(config_path: str | os.PathLike) -> None:
+    """Makes `from configs import <sibling>` work inside the config file at `config_path`.
+
+    When the file's directory is a package (has `__init__.py`), that directory is imported as the
+    package `configs`, exactly as `import configs` would from its parent directory. Nothing
+    happens for a file outside a package, or when a `configs` package from another directory is
+    already imported (then a warning is logged and that one is used).
+    """
+    directory = Path(config_path).resolve().parent
+    init = directory / "__init__.py"
+    if not init.is_file():
+        return
+    loaded = sys.modules.get(CONFIG_PACKAGE)
+    if loaded is not None:
+        paths = {Path(p).resolve() for p in getattr(loaded, "__path__", [])}
+        if directory not in paths:
+            logger.warning(
+                "package %r is already imported from %s; %s imports its siblings from there",
+                CONFIG_PACKAGE,
+                sorted(map(str, paths)),
+                config_path,
+            )
+        return
+    spec = importlib.util.spec_from_file_location(
+        CONFIG_PACKAGE, init, submodule_search_locations=[str(directory)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[CONFIG_PACKAGE] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[CONFIG_PACKAGE]
+        raise
+
+
+def _is_flag(arg: str, name: str) -> bool:
+    return arg in (f"--{name}", f"-{name}")
+
+
+def _flag_value_prefix(arg: str, name: str) -> str | None:
+    for prefix in (f"--{name}=", f"-{name}="):
+        if arg.startswith(prefix):
+            return prefix
+    return None
+
+
+def prepare_config_argv(argv: Sequence[str], flag: str = "config") -> list[str]:
+    """Resolves the `--config` value of a command line (path or shipped name) and binds its
+    package (see `bind_config_package`) before absl parses the flags and loads the file.
+
+    `--config.key=value` overrides are left alone. Returns the rewritten argv.
+    """
+    args = list(argv)
+    for i, arg in enumerate(args[1:], start=1):
+        if arg == "--":
+            break
+        prefix = _flag_value_prefix(arg, flag)
+        if prefix is not None:
+            index, value = i, arg[len(prefix) :]
+        elif _is_flag(arg, flag) and i + 1 < len(args):
+            index, value, prefix = i + 1, args[i + 1], ""
+        else:
+            continue
+        resolved = resolve_config_path(value)
+        args[index] = prefix + resolved
+        path = resolved.partition(":")[0]
+        if os.path.isfile(path):
+            bind_config_package(path)
+        break
+    return args
+
+
+def load_config_file(value: str):
+    """Loads a config (path or shipped name) outside absl: `get_config()` of its module."""
+    resolved = resolve_config_path(value)
+    path, _, argument = resolved.partition(":")
+    if not os.path.isfile(path):
+        names = ", ".join(shipped_config_names())
+        raise FileNotFoundError(
+            f"config {value!r} is neither a file nor a shipped config ({names})"
+        )
+    bind_config_package(path)
+    spec = importlib.util.spec_from_file_location(f"_jaxmol_config_{Path(path).stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(argument) if argument else module.get_config()
+
+
+# ---------------------------------------------------------------------------------------------
+# Data folder.
+# ---------------------------------------------------------------------------------------------
+
+
+class DataDirError(ValueError):
+    """The data folder the shipped splits need does not exist."""
+
+
+def use_data_dir(data_dir: str | os.PathLike | None, split_names: Sequence[str] = ()) -> Path:
+    """Points the split registry at `data_dir` (None: keep `$JAXMOL_DATA_DIR` or the default).
+
+    Call before loading data. Sets `$JAXMOL_DATA_DIR` (read when `jaxmol.data.datasets` is
+    imported) and, if that module is already imported, its `DATA_DIR`. Raises DataDirError, with
+    what to do, when one of `split_names` is a shipped split (not `tsv:PATH`) and the folder has
+    no `MANIFEST.json`.
+
+    Returns:
+      The data folder in use.
+    """
+    if data_dir is not None:
+        os.environ[DATA_ENV] = str(Path(data_dir).expanduser().absolute())
+    from jaxmol.data import datasets  # after the environment: DATA_DIR is read at import
+
+    if data_dir is not None:
+        datasets.DATA_DIR = Path(os.environ[DATA_ENV])
+    folder = Path(datasets.DATA_DIR)
+    needs_data = any(not str(name).startswith("tsv:") for name in split_names)
+    if needs_data and not (folder / MANIFEST_NAME).is_file():
+        raise DataDirError(
+            f"no data folder at {folder} (no {MANIFEST_NAME}). An installed jaxmol carries no "
+            f"data: pass --data_dir=DIR or set ${DATA_ENV}=DIR, with DIR a jaxmol checkout's "
+            "data/ folder, or use tsv:PATH splits"
+        )
+    return folder
