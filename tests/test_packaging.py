@@ -324,12 +324,6 @@ def test_installed_train_runs_the_tiny_config_outside_the_checkout(tiny_run):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="jaxmol.config.default_config() imports the checkout's top-level `configs` package, "
-    "absent from an installed jaxmol (and from sys.path for any entry point); the fix belongs "
-    "in jaxmol/config.py: `from jaxmol.configs import default`. Remove this mark with it.",
-)
 def test_installed_evaluate_runs_outside_the_checkout(installed, tiny_run):
     cwd, trained = tiny_run
     assert trained.returncode == 0, trained.stderr[-3000:]
