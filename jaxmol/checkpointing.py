@@ -19,6 +19,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,11 @@ _STEP_KEY = "_step"
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable, or does not fit the model being restored."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """A readable checkpoint whose tree differs from the model (another config or code), as
+    opposed to a damaged one."""
 
 
 def _metric_getter(name: str):
@@ -70,6 +77,16 @@ class Checkpointer:
         read_only: bool = False,
     ):
         self.directory = Path(directory).expanduser().absolute()
+        # Steps orbax itself cannot list (its own metadata unreadable): moved aside when
+        # writing; when reading, the manager sees a view of the directory without them.
+        self.damaged = _damaged_steps(self.directory)
+        manager_dir = self.directory
+        if self.damaged and not read_only:
+            for step, reason in sorted(self.damaged.items()):
+                _move_aside(self.directory, step, reason)
+        elif self.damaged:
+            manager_dir = _view_without(self.directory, self.damaged)
+        self._manager_dir = manager_dir
         self.best_metric = best_metric
         policies = [LatestN(n=keep)]
         if best_metric:
@@ -87,7 +104,7 @@ class Checkpointer:
             read_only=read_only,
         )
         self._manager = ocp.CheckpointManager(
-            self.directory,
+            manager_dir,
             options=options,
             item_handlers={
                 "state": ocp.StandardCheckpointHandler(),
@@ -110,7 +127,11 @@ class Checkpointer:
             return None
         scored = []
         for step in self.all_steps():
-            metrics = self.restore_json(step, "metrics")
+            try:
+                metrics = self.restore_json(step, "metrics")
+            except CheckpointError as error:
+                logger.warning("best checkpoint: step %d skipped: %s", step, error)
+                continue
             if metrics and self.best_metric in metrics:
                 scored.append((float(metrics[self.best_metric]), -step))
         return -max(scored)[1] if scored else None
@@ -125,26 +146,51 @@ class Checkpointer:
         metrics: dict | None = None,
     ) -> None:
         metrics = {k: float(v) for k, v in (metrics or {}).items()}
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                data_position=ocp.args.JsonSave(data_position),
-                config=ocp.args.JsonSave(config),
-                metrics=ocp.args.JsonSave(metrics),
-            ),
-            metrics={**metrics, _STEP_KEY: step} if self.best_metric in metrics else None,
-            force=True,
-        )
+        try:
+            self._manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state),
+                    data_position=ocp.args.JsonSave(data_position),
+                    config=ocp.args.JsonSave(config),
+                    metrics=ocp.args.JsonSave(metrics),
+                ),
+                metrics={**metrics, _STEP_KEY: step} if self.best_metric in metrics else None,
+                force=True,
+            )
+        except Exception as error:  # an earlier async save that failed surfaces here too
+            raise self._write_error(step, error) from error
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        """Blocks until pending saves are on disk; a failed write raises `CheckpointError`."""
+        try:
+            self._manager.wait_until_finished()
+        except Exception as error:
+            raise self._write_error(self.latest_step(), error) from error
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
+        self.wait()
         self._manager.close()
 
+    def _write_error(self, step: int | None, error: Exception) -> CheckpointError:
+        return CheckpointError(
+            f"could not write checkpoint step {step} to {self.directory} (disk full or not "
+            f"writable?); the checkpoints already there are intact: "
+            f"{type(error).__name__}: {error}"
+        )
+
+    def set_aside(self, step: int, reason: str) -> Path:
+        """Moves a damaged step out of the way (never deletes it) so that orbax can keep
+        saving; returns where it went: ``<directory>/../damaged_checkpoints/<step>``."""
+        target = _move_aside(self.directory, step, reason)
+        self._manager.reload()
+        return target
+
     def _check_step(self, step: int) -> None:
+        if step in self.damaged:
+            raise CheckpointError(
+                f"checkpoint {self.directory} step {step} is damaged: {self.damaged[step]}"
+            )
         if step not in self.all_steps():
             raise CheckpointError(
                 f"no checkpoint at step {step} in {self.directory} "
@@ -193,7 +239,7 @@ class Checkpointer:
         abstract = jax.tree.map(_abstract, target)
         self._check_compatible(step, abstract, partial=True)
         reader = ocp.CheckpointManager(
-            self.directory,
+            self._manager_dir,
             options=ocp.CheckpointManagerOptions(read_only=True),
             item_handlers={"state": ocp.PyTreeCheckpointHandler()},
         )
@@ -242,7 +288,7 @@ class Checkpointer:
         if problems:
             listing = "\n  ".join(problems[:30])
             more = f"\n  ... and {len(problems) - 30} more" if len(problems) > 30 else ""
-            raise CheckpointError(
+            raise CheckpointMismatchError(
                 f"checkpoint {self.directory} step {step} does not fit this model "
                 f"({len(problems)} problems; was it written with another config?):\n  "
                 f"{listing}{more}"
@@ -273,3 +319,55 @@ def write_json(path: str | os.PathLike, value: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
     os.replace(tmp, path)
+
+
+def _damaged_steps(directory: Path) -> dict[int, str]:
+    """Step directories whose orbax metadata or metrics file does not parse: {step: reason}.
+
+    orbax reads these for every step when a manager opens the directory, so one damaged step
+    would otherwise make the whole directory unreadable.
+    """
+    damaged = {}
+    if not directory.is_dir():
+        return damaged
+    for path in directory.iterdir():
+        if not (path.is_dir() and path.name.isdigit()):
+            continue
+        for name in ("_CHECKPOINT_METADATA", "metrics/metrics"):
+            file = path / name
+            try:
+                if file.exists():
+                    json.loads(file.read_text())
+            except (OSError, UnicodeDecodeError, ValueError) as error:
+                damaged[int(path.name)] = f"orbax cannot read {file}: {type(error).__name__}"
+                break
+    return damaged
+
+
+def _move_aside(directory: Path, step: int, reason: str) -> Path:
+    """Moves ``directory/<step>`` to ``directory/../damaged_checkpoints/<step>`` (a new name if
+    taken) with a ``.reason.txt`` beside it; returns the new path."""
+    target_dir = directory.parent / "damaged_checkpoints"
+    target_dir.mkdir(parents=True, exist_ok=True)
+    target = target_dir / str(step)
+    suffix = 1
+    while target.exists():
+        target = target_dir / f"{step}.{suffix}"
+        suffix += 1
+    shutil.move(str(directory / str(step)), str(target))
+    (target_dir / f"{target.name}.reason.txt").write_text(f"step {step}: {reason}\n")
+    logger.warning("checkpoint step %d moved aside to %s: %s", step, target, reason)
+    return target
+
+
+def _view_without(directory: Path, excluded: dict[int, str]) -> Path:
+    """A temporary directory of symlinks to every entry of `directory` except the `excluded`
+    steps: a read-only view orbax can open (the workdir itself is not modified)."""
+    for step, reason in sorted(excluded.items()):
+        logger.warning("checkpoint step %d is damaged and is skipped: %s", step, reason)
+    view = Path(tempfile.mkdtemp(prefix="jaxmol_checkpoints_view_"))
+    for entry in directory.iterdir():
+        if entry.name.isdigit() and int(entry.name) in excluded:
+            continue
+        (view / entry.name).symlink_to(entry)
+    return view

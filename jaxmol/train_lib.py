@@ -11,7 +11,9 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -33,12 +35,27 @@ from jaxmol.train_step import (
     init_state,
     learning_rate_schedule,
 )
+from jaxmol.workdir import WorkdirLock
 
 logger = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite; the message names the step."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT (Ctrl-C) or SIGTERM (preemption) stopped the loop after it saved a checkpoint.
+
+    Attributes:
+      signum: the signal received.
+      step: the step saved; running the same command again resumes from it.
+    """
+
+    def __init__(self, signum: int, step: int):
+        super().__init__(f"{signal.Signals(signum).name}: saved a checkpoint at step {step}")
+        self.signum = signum
+        self.step = step
 
 
 @dataclasses.dataclass
@@ -60,6 +77,7 @@ class TrainRun:
       checkpointer: the workdir's checkpoints.
       embedder: the eval-mode embedder over the same devices.
       val_split: the encoded validation split (None: no validation).
+      lock: the workdir lock, held until the run ends (`WorkdirLock.release`).
     """
 
     config: ml_collections.ConfigDict
@@ -77,6 +95,7 @@ class TrainRun:
     checkpointer: checkpointing.Checkpointer
     embedder: evaluation.Embedder
     val_split: EncodedSplit | None
+    lock: WorkdirLock
 
 
 def _load_limited(split_name: str, max_pairs: int) -> datasets.PairDataset:
@@ -89,16 +108,29 @@ def _load_limited(split_name: str, max_pairs: int) -> datasets.PairDataset:
 def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainRun:
     """Validates the config, encodes the data, initialises or restores the state.
 
+    Takes the workdir lock first (released by `train_and_evaluate`, or here on failure). A
+    damaged newest checkpoint does not stop a resume: the newest one that restores completely
+    is used, and the damaged ones are moved aside (never deleted) and logged.
+
     Raises:
       jaxmol.config.ConfigError: an invalid config value (before anything is loaded).
-      jaxmol.checkpointing.CheckpointError: the workdir holds a different run, or an
-        unreadable checkpoint.
+      jaxmol.workdir.WorkdirLockedError: another run trains in this workdir.
+      jaxmol.checkpointing.CheckpointError: the workdir holds a different run, or no
+        checkpoint in it restores.
     """
     validate_config(config)
     if config.distributed:
         jax.distributed.initialize()
     workdir = Path(workdir).expanduser().absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
+    lock = WorkdirLock(workdir)
+    try:
+        return _setup_locked(config, workdir, lock)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _setup_locked(config: ml_collections.ConfigDict, workdir: Path, lock: WorkdirLock) -> TrainRun:
     runner = DataParallel(config.parallel, select_devices(config.num_devices))
     if config.batch_size % runner.num_devices:
         raise ValueError(
@@ -127,15 +159,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainRun:
     checkpointer = checkpointing.Checkpointer(
         workdir / "checkpoints", keep=config.keep_checkpoints, best_metric=config.best_metric
     )
-    position = batching.Position()
-    latest = checkpointer.latest_step()
-    if latest is not None:
-        _check_resume_compatible(checkpointer.restore_json(latest, "config"), resolved)
-        state = checkpointer.restore_state(latest, state)
-        position = batching.Position.from_dict(checkpointer.restore_json(latest, "data_position"))
-        logger.info(
-            "resumed from step %d (epoch %d, batch %d)", latest, position.epoch, position.step
-        )
+    state, position = _resume(checkpointer, state, resolved)
     checkpointing.write_json(workdir / "config.json", resolved)
     eval_model = RetrievalModel(builders.model_config_for(config, axis_name=None))
     val_split = None
@@ -157,7 +181,50 @@ def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainRun:
         checkpointer=checkpointer,
         embedder=evaluation.Embedder(eval_model, runner),
         val_split=val_split,
+        lock=lock,
     )
+
+
+def _resume(
+    checkpointer: checkpointing.Checkpointer, state: TrainState, resolved: dict
+) -> tuple[TrainState, batching.Position]:
+    """The newest checkpoint that restores completely (state, position), or the fresh state.
+
+    A checkpoint of a different run (config or model mismatch) is an error, not damage.
+    Damaged newer steps are moved aside so that orbax can save those steps again.
+    """
+    damaged: list[tuple[int, str]] = []
+    restored = None
+    for step in reversed(checkpointer.all_steps()):
+        try:
+            saved_config = checkpointer.restore_json(step, "config")
+        except checkpointing.CheckpointError as error:
+            damaged.append((step, str(error)))
+            continue
+        _check_resume_compatible(saved_config, resolved)
+        try:
+            restored = (
+                checkpointer.restore_state(step, state),
+                batching.Position.from_dict(checkpointer.restore_json(step, "data_position")),
+            )
+        except checkpointing.CheckpointMismatchError:
+            raise
+        except (checkpointing.CheckpointError, KeyError, TypeError, ValueError) as error:
+            damaged.append((step, str(error)))
+            continue
+        logger.info(
+            "resumed from step %d (epoch %d, batch %d)",
+            step,
+            restored[1].epoch,
+            restored[1].step,
+        )
+        break
+    for step, reason in damaged:
+        logger.warning("checkpoint step %d does not restore; skipped: %s", step, reason)
+        checkpointer.set_aside(step, reason)
+    if restored is None and damaged:
+        logger.warning("no checkpoint restores; training starts from step 0")
+    return restored or (state, batching.Position())
 
 
 def train(run: TrainRun) -> tuple[TrainState, int]:
@@ -166,8 +233,10 @@ def train(run: TrainRun) -> tuple[TrainState, int]:
     Validates every ``eval_every_steps`` and at the end; checkpoints every
     ``checkpoint_every_steps`` and at the end, each only after every step up to it was checked
     finite, and each with the validation metrics of its own step (none if it was not validated
-    there, so it never competes for 'best' with another step's score). Ctrl-C finishes the
-    step, saves, and raises KeyboardInterrupt.
+    there, so it never competes for 'best' with another step's score). SIGINT (Ctrl-C) or
+    SIGTERM (preemption) finishes the step, saves once and raises `TrainingInterrupted`; a
+    second signal exits the process at once (status 128 + signal), leaving the last finished
+    checkpoint intact.
 
     Returns:
       The final state (one host-side copy) and its step.
@@ -185,14 +254,23 @@ def train(run: TrainRun) -> tuple[TrainState, int]:
     stream = batching.prefetch(run.batcher.iterate(position), size=config.data.prefetch)
     lr_schedule = learning_rate_schedule(config, config.optim.lr, run.total_steps)
     pending: list[tuple[int, Any]] = []  # (step, device metrics) not yet checked for NaN
-    interrupted = False
-    previous_handler = signal.getsignal(signal.SIGINT)
+    interrupted = 0  # the first SIGINT / SIGTERM received
+    stop_signals = (signal.SIGINT, signal.SIGTERM)
+    previous_handlers = {signum: signal.getsignal(signum) for signum in stop_signals}
 
-    def on_interrupt(signum, frame):
+    def on_signal(signum, frame):
         nonlocal interrupted
-        interrupted = True  # finish the current step, save, then stop
+        if interrupted:  # a second signal: leave now; the last finished checkpoint is intact
+            print(
+                f"{signal.Signals(signum).name} again: exiting without saving",
+                file=sys.stderr,
+                flush=True,
+            )
+            os._exit(128 + signum)
+        interrupted = signum  # finish the current step, save, then stop
 
-    signal.signal(signal.SIGINT, on_interrupt)
+    for signum in stop_signals:
+        signal.signal(signum, on_signal)
     progress = _progress_bar(run.total_steps, step)
     window_start, window_pairs = time.perf_counter(), 0
     try:
@@ -236,10 +314,15 @@ def train(run: TrainRun) -> tuple[TrainState, int]:
             if run.checkpointer.latest_step() != step:  # not saved by the loop already
                 _save(run, step, state, position, {})
             run.checkpointer.close()
-            logger.warning("interrupted: saved a checkpoint at step %d", step)
-            raise KeyboardInterrupt
+            logger.warning(
+                "interrupted: saved a checkpoint at step %d (%s); run the same command to resume",
+                step,
+                signal.Signals(interrupted).name,
+            )
+            raise TrainingInterrupted(interrupted, step)
     finally:
-        signal.signal(signal.SIGINT, previous_handler)
+        for signum, handler in previous_handlers.items():
+            signal.signal(signum, handler)
         progress.close()
     run.checkpointer.close()
     return runner.unreplicate(state), step
@@ -279,8 +362,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       The final test metrics: {split: report with 't2m' and 'm2t' blocks}.
     """
     run = setup(config, workdir)
-    state, step = train(run)
-    return evaluate_test_splits(run, state, step)
+    try:
+        state, step = train(run)
+        return evaluate_test_splits(run, state, step)
+    finally:
+        run.lock.release()
 
 
 def _json_ready(value: Any) -> Any:

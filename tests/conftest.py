@@ -8,3 +8,34 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+import pytest
+
+IN_PROCESS_STEPS = 4
+
+
+def in_process_config():
+    """The tiny config of the shared in-process run: validated at steps 2 and 4 only,
+    checkpointed at every step (all kept), the PCdes test split evaluated at the end."""
+    from configs import tiny
+
+    config = tiny.get_config()
+    config.num_steps = IN_PROCESS_STEPS
+    config.eval_every_steps = 2  # validated at 2 and 4; checkpoints 1 and 3 are not
+    config.checkpoint_every_steps = 1
+    config.keep_checkpoints = 10
+    config.log_every_steps = 1
+    config.data.max_eval_pairs = 24
+    config.data.test_splits = ("pcdes/test",)
+    return config
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """(workdir, returned results) of one tiny training run in this process. Tests must not
+    modify the workdir (copy it first)."""
+    from jaxmol import train_lib
+
+    workdir = tmp_path_factory.mktemp("in_process")
+    results = train_lib.train_and_evaluate(in_process_config(), str(workdir))
+    return workdir, results

@@ -1,5 +1,6 @@
 """builders: config -> objects; saved configs merged onto today's defaults; abstract variables."""
 
+import functools
 import json
 
 import jax
@@ -36,8 +37,8 @@ def test_abstract_variables_have_the_shapes_of_a_real_init():
     config = tiny.get_config()
     model, abstract = builders.abstract_variables(config)
     chunk = builders.dummy_chunk(config)
-    real = model.init(
-        jax.random.PRNGKey(1), chunk["text_ids"], chunk["text_mask"], chunk["graphs"], train=False
+    real = jax.jit(functools.partial(model.init, train=False))(
+        jax.random.PRNGKey(1), chunk["text_ids"], chunk["text_mask"], chunk["graphs"]
     )
 
     def shapes(tree):

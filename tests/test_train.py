@@ -24,6 +24,7 @@ from jaxmol.data.tokenize import load_tokenizer
 from jaxmol.evaluation import restore_for_eval
 from jaxmol.models.retrieval import RetrievalModel
 from jaxmol.parallel import DataParallel, select_devices
+from tests import conftest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -203,41 +204,22 @@ def test_a_config_typo_on_the_command_line_fails_at_start_naming_the_key(tmp_pat
 # ----------------------------------------------------------------------------------------------
 # A tiny run in process: what training returns and writes.
 
-IN_PROCESS_STEPS = 4
-
-
-def _in_process_config():
-    config = tiny.get_config()
-    config.num_steps = IN_PROCESS_STEPS
-    config.eval_every_steps = 2  # validated at 2 and 4; checkpoints 1 and 3 are not
-    config.checkpoint_every_steps = 1
-    config.keep_checkpoints = 10
-    config.log_every_steps = 1
-    config.data.max_eval_pairs = 24
-    config.data.test_splits = ("pcdes/test",)
-    return config
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("in_process")
-    results = train_lib.train_and_evaluate(_in_process_config(), str(workdir))
-    return workdir, results
-
 
 def test_training_returns_and_writes_the_test_metrics(trained_run):
     workdir, results = trained_run
     assert list(results) == ["pcdes/test"]
     report = results["pcdes/test"]
-    assert report["checkpoint_step"] == IN_PROCESS_STEPS
+    assert report["checkpoint_step"] == conftest.IN_PROCESS_STEPS
     for direction in ("t2m", "m2t"):
         assert 0.0 <= report[direction]["mrr"] <= 1.0
         assert report[direction]["num_queries"] == report[direction]["pool_size"] > 0
     written = json.loads((workdir / "eval" / "pcdes_test__pool.json").read_text())
     assert written["t2m"] == report["t2m"] and written["m2t"] == report["m2t"]
-    assert json.loads((workdir / "config.json").read_text())["num_steps"] == IN_PROCESS_STEPS
+    assert (
+        json.loads((workdir / "config.json").read_text())["num_steps"] == conftest.IN_PROCESS_STEPS
+    )
     log = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log if "loss" in r] == list(range(1, IN_PROCESS_STEPS + 1))
+    assert [r["step"] for r in log if "loss" in r] == list(range(1, conftest.IN_PROCESS_STEPS + 1))
     assert all(np.isfinite(r["loss"]) for r in log if "loss" in r)
     assert [r["step"] for r in log if "val/mean_mrr" in r] == [2, 4]
 
@@ -260,7 +242,7 @@ def test_each_checkpoint_carries_only_the_validation_of_its_own_step(trained_run
 
 def test_resuming_under_a_changed_model_config_is_refused_naming_the_key(trained_run):
     workdir, _ = trained_run
-    config = _in_process_config()
+    config = conftest.in_process_config()
     config.model.gin_dim = 48
     with pytest.raises(CheckpointError, match=r"model\.gin_dim: 32 -> 48"):
         train_lib.setup(config, workdir)

@@ -9,6 +9,21 @@ copy of the folder elsewhere, whatever the current directory.
 
 Data. The shipped splits are read from `--data_dir`, else `$JAXMOL_DATA_DIR`, else the
 checkout's `data/` (a wheel carries no data: point `--data_dir` at a checkout's `data/`).
+
+Exit statuses (`run_guarded`). An expected failure prints one line on stderr
+(``<program>: error: <message>``) and exits with its status; ``JAXMOL_TRACEBACK=1`` adds the
+traceback. Anything else is a bug and shows its traceback (status 1).
+
+  0    success, or SIGTERM (preemption): the run saved a checkpoint; the same command resumes
+  1    unexpected error (traceback)
+  2    config or usage error (a bad value names its key; no data folder)
+  3    data error (missing file, malformed row, a molecule RDKit cannot read with
+       data.on_invalid='error')
+  4    checkpoint error (unreadable, written by another run, not writable)
+  5    the loss became NaN or infinite (names the step; nothing after the last finite
+       checkpoint is saved)
+  6    the workdir is locked by another training run (names its pid and host)
+  130  Ctrl-C: the run saved a checkpoint; the same command resumes
 """
 
 from __future__ import annotations
@@ -16,8 +31,10 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import signal
 import sys
-from collections.abc import Sequence
+import traceback
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 # The shipped configs inside the package (a link to the top-level configs/ in a checkout).
@@ -25,6 +42,14 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 # The package name under which a config file's siblings are importable.
 CONFIG_PACKAGE = "configs"
 DATA_ENV = "JAXMOL_DATA_DIR"
+TRACEBACK_ENV = "JAXMOL_TRACEBACK"
+EXIT_UNEXPECTED = 1
+EXIT_CONFIG = 2
+EXIT_DATA = 3
+EXIT_CHECKPOINT = 4
+EXIT_NONFINITE = 5
+EXIT_LOCKED = 6
+EXIT_CTRL_C = 130
 MANIFEST_NAME = "MANIFEST.json"
 
 logger = logging.getLogger(__name__)
@@ -188,3 +213,53 @@ def use_data_dir(data_dir: str | os.PathLike | None, split_names: Sequence[str] 
             "data/ folder, or use tsv:PATH splits"
         )
     return folder
+
+
+# ---------------------------------------------------------------------------------------------
+# Exit statuses.
+# ---------------------------------------------------------------------------------------------
+
+
+def exit_status(error: BaseException) -> int | None:
+    """The documented exit status of an expected failure (module docstring); None when
+    `error` is unexpected (a bug: it keeps its traceback)."""
+    # Imported here, not at module level: the split registry must not be imported before
+    # `use_data_dir` has set the data folder.
+    from jaxmol.checkpointing import CheckpointError
+    from jaxmol.config import ConfigError
+    from jaxmol.data.datasets import DataError
+    from jaxmol.data.featurize import InvalidSmilesError
+    from jaxmol.evaluation import ProtocolError
+    from jaxmol.train_lib import NonFiniteLossError, TrainingInterrupted
+    from jaxmol.workdir import WorkdirLockedError
+
+    if isinstance(error, TrainingInterrupted):
+        return 0 if error.signum == signal.SIGTERM else EXIT_CTRL_C
+    statuses = (
+        ((ConfigError, DataDirError, ProtocolError), EXIT_CONFIG),
+        ((DataError, InvalidSmilesError), EXIT_DATA),
+        ((CheckpointError,), EXIT_CHECKPOINT),
+        ((NonFiniteLossError,), EXIT_NONFINITE),
+        ((WorkdirLockedError,), EXIT_LOCKED),
+    )
+    for kinds, status in statuses:
+        if isinstance(error, kinds):
+            return status
+    return None
+
+
+def run_guarded(program: str, body: Callable[[], object]) -> None:
+    """Runs `body`; an expected failure becomes one line on stderr and its exit status."""
+    try:
+        body()
+    except (Exception, KeyboardInterrupt) as error:
+        status = exit_status(error)
+        if status is None:
+            raise
+        if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+            traceback.print_exc()
+        if status == 0:
+            print(f"{program}: {error}; run the same command to resume", file=sys.stderr)
+        else:
+            print(f"{program}: error: {error}", file=sys.stderr)
+        sys.exit(status)

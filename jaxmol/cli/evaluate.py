@@ -11,16 +11,13 @@ Protocols are described in docs/evaluation.md.
 """
 
 import os
-import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a model hub
 
 from absl import app, flags
 
 from jaxmol import evaluation
-from jaxmol.checkpointing import CheckpointError
-from jaxmol.cli import setup_logging
-from jaxmol.data.datasets import DataError
+from jaxmol.cli import run_guarded, setup_logging
 from jaxmol.scoring import MOMU_INBATCH_SIZE, MOMU_SHUFFLE_SEED
 
 FLAGS = flags.FLAGS
@@ -61,22 +58,25 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     setup_logging()
-    try:
-        report = evaluation.evaluate_checkpoint(
-            FLAGS.workdir,
-            FLAGS.split,
-            protocol=FLAGS.protocol,
-            step=_parse_step(FLAGS.step),
-            batch_size=FLAGS.batch_size,
-            num_devices=FLAGS.num_devices,
-            parallel=FLAGS.parallel,
-            max_pairs=FLAGS.max_pairs,
-            inbatch_size=FLAGS.inbatch_size,
-            inbatch_seed=FLAGS.inbatch_seed if FLAGS.inbatch_seed >= 0 else None,
-        )
-    except (CheckpointError, DataError, evaluation.ProtocolError) as error:
-        print(f"evaluate.py: error: {error}", file=sys.stderr)
-        sys.exit(2)
+    reports = []
+    run_guarded(
+        "evaluate",
+        lambda: reports.append(
+            evaluation.evaluate_checkpoint(
+                FLAGS.workdir,
+                FLAGS.split,
+                protocol=FLAGS.protocol,
+                step=_parse_step(FLAGS.step),
+                batch_size=FLAGS.batch_size,
+                num_devices=FLAGS.num_devices,
+                parallel=FLAGS.parallel,
+                max_pairs=FLAGS.max_pairs,
+                inbatch_size=FLAGS.inbatch_size,
+                inbatch_seed=FLAGS.inbatch_seed if FLAGS.inbatch_seed >= 0 else None,
+            )
+        ),
+    )
+    report = reports[0]
     print(f"weights: {report['weights']}")
     print(f"tie policy: {report['tie_policy']}")
     if report["num_skipped"]:

@@ -44,15 +44,15 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     cli.setup_logging()
-    try:
-        cli.use_data_dir(FLAGS.data_dir, _split_names(FLAGS.config))
-    except cli.DataDirError as error:
-        print(f"train: error: {error}", file=sys.stderr)
-        sys.exit(2)
-    # Imported after the data folder is set: the split registry reads it at import.
-    from jaxmol import train_lib
 
-    train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    def body():
+        cli.use_data_dir(FLAGS.data_dir, _split_names(FLAGS.config))
+        # Imported after the data folder is set: the split registry reads it at import.
+        from jaxmol import train_lib
+
+        train_lib.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+    cli.run_guarded("train", body)
 
 
 def run(argv=None) -> None:

@@ -163,7 +163,8 @@ def read_tsv(
         raise DataError(f"{name}: file not found: {path}")
     ids, smiles, texts = [], [], []
     seen: dict[str, int] = {}
-    with path.open(encoding="utf-8", newline="") as f:
+    # utf-8-sig: a byte-order mark (spreadsheet exports) is not part of the first column name.
+    with path.open(encoding="utf-8-sig", newline="") as f:
         reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         header = next(reader, None)
         if header is None:

@@ -7,20 +7,24 @@ older checkpoint restores after new config keys were added).
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import jax
 import ml_collections
 
 from jaxmol import builders
-from jaxmol.checkpointing import Checkpointer, CheckpointError
+from jaxmol.checkpointing import Checkpointer, CheckpointError, CheckpointMismatchError
 from jaxmol.data import datasets
 from jaxmol.evaluation.embedder import Embedder
 from jaxmol.evaluation.protocols import check_protocol, evaluate_split
 from jaxmol.models.retrieval import RetrievalModel
 from jaxmol.parallel import DataParallel, select_devices
 from jaxmol.scoring import MOMU_INBATCH_SIZE, MOMU_SHUFFLE_SEED
+
+logger = logging.getLogger(__name__)
 
 
 def restore_for_eval(
@@ -31,7 +35,9 @@ def restore_for_eval(
     Args:
       workdir: a training workdir (holds ``checkpoints/``).
       step: an int, 'latest', or 'best' (the best validation checkpoint; the latest one when no
-        checkpoint has validation metrics).
+        checkpoint has validation metrics). For 'best' and 'latest', a checkpoint that does not
+        restore is skipped with a warning and the next newest one is used; an explicit step
+        that does not restore is an error.
       sharding: where the variables go; default the first local device (works whatever the
         device count of the training run).
 
@@ -41,33 +47,68 @@ def restore_for_eval(
       defaults), and the step restored.
 
     Raises:
-      CheckpointError: no workdir, no checkpoint, or an unreadable one.
+      CheckpointError: no workdir, no checkpoint, or none that restores.
     """
+    return _restore(workdir, step, sharding)[:4]
+
+
+def _restore(workdir, step, sharding) -> tuple[RetrievalModel, dict, Any, int, str]:
+    """`restore_for_eval`, plus a note naming the checkpoints skipped (empty if none)."""
     directory = Path(workdir).expanduser().absolute() / "checkpoints"
     if not directory.is_dir():
         raise CheckpointError(f"no checkpoints in {workdir} (expected {directory})")
     checkpointer = Checkpointer(directory, read_only=True, async_save=False)
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     try:
         steps = checkpointer.all_steps()
         if not steps:
             raise CheckpointError(f"{directory} holds no complete checkpoint")
-        if step == "latest":
-            step = steps[-1]
-        elif step == "best":
-            saved = checkpointer.restore_json(steps[-1], "config")
-            checkpointer.best_metric = saved.get("best_metric")
-            step = checkpointer.best_step() or steps[-1]
-        step = int(step)
-        config = builders.run_config_from_saved(checkpointer.restore_json(step, "config"))
-        model, abstract = builders.abstract_variables(config)
-        sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        target = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract
-        )
-        variables = checkpointer.restore_variables(step, target)
+        if step not in ("best", "latest"):
+            return (*_restore_step(checkpointer, int(step), sharding), "")
+        candidates = steps[::-1]
+        if step == "best":
+            checkpointer.best_metric = _best_metric(checkpointer, candidates)
+            best = checkpointer.best_step()
+            if best is not None:
+                candidates = [best, *(s for s in candidates if s != best)]
+        skipped = []
+        for candidate in candidates:
+            try:
+                restored = _restore_step(checkpointer, candidate, sharding)
+            except CheckpointMismatchError:
+                raise
+            except CheckpointError as error:
+                logger.warning(
+                    "checkpoint step %d does not restore; trying the next one: %s",
+                    candidate,
+                    error,
+                )
+                skipped.append(candidate)
+                continue
+            note = f"steps {skipped} did not restore and were skipped" if skipped else ""
+            return (*restored, note)
+        raise CheckpointError(f"no checkpoint in {directory} restores (tried {candidates})")
     finally:
         checkpointer.close()
-    return model, variables, config, step
+
+
+def _best_metric(checkpointer: Checkpointer, steps: list[int]) -> str | None:
+    """The run's `best_metric`, from the newest checkpoint whose config is readable."""
+    for step in steps:
+        try:
+            return checkpointer.restore_json(step, "config").get("best_metric")
+        except CheckpointError:
+            continue
+    return None
+
+
+def _restore_step(checkpointer: Checkpointer, step: int, sharding) -> tuple:
+    config = builders.run_config_from_saved(checkpointer.restore_json(step, "config"))
+    model, abstract = builders.abstract_variables(config)
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract
+    )
+    return model, checkpointer.restore_variables(step, target), config, step
 
 
 def evaluate_checkpoint(
@@ -106,8 +147,10 @@ def evaluate_checkpoint(
     """
     check_protocol(split_name, protocol)
     datasets.load_split(split_name)  # a bad split name fails before the (slow) restore
-    model, variables, config, restored_step = restore_for_eval(workdir, step)
+    model, variables, config, restored_step, note = _restore(workdir, step, None)
     weights = describe_weights(step, restored_step, config)
+    if note:
+        weights += f"; {note}"
     embedder = Embedder(model, DataParallel(parallel, select_devices(num_devices)))
     return evaluate_split(
         embedder,
