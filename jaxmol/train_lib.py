@@ -98,13 +98,6 @@ class TrainRun:
     lock: WorkdirLock
 
 
-def _load_limited(split_name: str, max_pairs: int) -> datasets.PairDataset:
-    dataset = datasets.load_split(split_name)
-    if max_pairs > 0:
-        dataset = dataset.select(range(min(max_pairs, len(dataset))))
-    return dataset
-
-
 def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainRun:
     """Validates the config, encodes the data, initialises or restores the state.
 
@@ -137,7 +130,9 @@ def _setup_locked(config: ml_collections.ConfigDict, workdir: Path, lock: Workdi
             f"batch_size {config.batch_size} is not a multiple of the {runner.num_devices} devices"
         )
     encoder = builders.split_encoder(config)
-    train_split = encoder(_load_limited(config.data.train_split, config.data.max_train_pairs))
+    train_split = encoder(
+        datasets.load_split_head(config.data.train_split, config.data.max_train_pairs)
+    )
     batcher = batching.PairBatcher(
         train_split,
         batch_size=config.batch_size,
@@ -164,7 +159,9 @@ def _setup_locked(config: ml_collections.ConfigDict, workdir: Path, lock: Workdi
     eval_model = RetrievalModel(builders.model_config_for(config, axis_name=None))
     val_split = None
     if config.data.val_split:
-        val_split = encoder(_load_limited(config.data.val_split, config.data.max_eval_pairs))
+        val_split = encoder(
+            datasets.load_split_head(config.data.val_split, config.data.max_eval_pairs)
+        )
     return TrainRun(
         config=config,
         workdir=workdir,

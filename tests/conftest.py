@@ -1,7 +1,15 @@
 """Test setup: 8 fake CPU devices and no network, both set before JAX or HF libraries load."""
 
 import os
+import tempfile
 
+# One persistent XLA compilation cache for the whole test session (a fresh directory each
+# session), shared with the subprocesses the tests start: many tests train the same tiny program,
+# and each would otherwise compile it again (measured: a tiny train.py run 143 s cold, 52 s with
+# the cache warm, on a loaded 2-core machine). Numerics are unchanged: the same program is loaded.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="jaxmol_xla_cache_"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
@@ -9,7 +17,30 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
+import sys
+from pathlib import Path
+
 import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def subprocess_env(devices: int = 8) -> dict:
+    """The environment of a jaxmol subprocess: `devices` fake CPU devices, no hub, this
+    checkout importable, the session's compilation cache."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["HF_HUB_OFFLINE"] = "1"
+    env["PYTHONPATH"] = str(REPO)
+    return env
+
+
+def train_command(workdir, *overrides) -> list[str]:
+    """`python train.py --config configs/tiny.py --workdir WORKDIR [overrides]`."""
+    config = str(REPO / "configs" / "tiny.py")
+    script = str(REPO / "train.py")
+    return [sys.executable, script, "--config", config, "--workdir", str(workdir), *overrides]
+
 
 IN_PROCESS_STEPS = 4
 

@@ -28,24 +28,8 @@ from tests import conftest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _env(devices=8):
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    env["HF_HUB_OFFLINE"] = "1"
-    env["PYTHONPATH"] = str(REPO)
-    return env
-
-
-def _train_command(workdir, *overrides):
-    return [
-        sys.executable,
-        str(REPO / "train.py"),
-        "--config",
-        str(REPO / "configs" / "tiny.py"),
-        "--workdir",
-        str(workdir),
-        *overrides,
-    ]
+_env = conftest.subprocess_env
+_train_command = conftest.train_command
 
 
 def _checkpoint_steps(workdir):

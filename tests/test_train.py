@@ -1,7 +1,6 @@
 """Training: 8-device shard_map / pmap equivalence, kill-and-resume, config errors, NaN stop."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -158,24 +157,8 @@ def test_invalid_config_values_name_the_key():
         validate_config(config)
 
 
-def _env(devices=8):
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    env["HF_HUB_OFFLINE"] = "1"
-    env["PYTHONPATH"] = str(REPO)
-    return env
-
-
-def _train_command(workdir, *overrides):
-    return [
-        sys.executable,
-        str(REPO / "train.py"),
-        "--config",
-        str(REPO / "configs" / "tiny.py"),
-        "--workdir",
-        str(workdir),
-        *overrides,
-    ]
+_env = conftest.subprocess_env
+_train_command = conftest.train_command
 
 
 def test_config_typos_and_wrong_types_name_the_key():

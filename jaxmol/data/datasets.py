@@ -260,3 +260,12 @@ def load_split(name: str, data_dir: str | os.PathLike | None = None) -> PairData
         keep = [r for r, i in enumerate(full.ids) if i not in PCDES_MOMU_EXCLUDED_IDS]
         return full.select(keep, name=name)
     raise DataError(f"unknown split {name!r}; known: {', '.join(SPLIT_NAMES)}, or 'tsv:<path>'")
+
+
+def load_split_head(name: str, max_pairs: int = -1) -> PairDataset:
+    """`load_split(name)`, cut to its first `max_pairs` rows when `max_pairs` > 0 (smoke tests
+    and the small configs)."""
+    dataset = load_split(name)
+    if max_pairs > 0:
+        dataset = dataset.select(range(min(max_pairs, len(dataset))))
+    return dataset

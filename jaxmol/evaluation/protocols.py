@@ -89,19 +89,12 @@ class ProtocolOutput:
     arrays: dict
 
 
-def _load(split_name: str, max_pairs: int) -> datasets.PairDataset:
-    dataset = datasets.load_split(split_name)
-    if max_pairs > 0:
-        dataset = dataset.select(range(min(max_pairs, len(dataset))))
-    return dataset
-
-
 def _skipped(split_name: str, failures) -> list[dict]:
     return [{"split": split_name, "id": i, "smiles": s, "reason": r} for i, s, r in failures]
 
 
 def _encode_pairs(context: EvalContext, split_name: str) -> EncodedSplit:
-    dataset = _load(split_name, context.max_pairs)
+    dataset = datasets.load_split_head(split_name, context.max_pairs)
     if dataset.texts is None:
         raise ProtocolError(f"{split_name} has no texts; it cannot be a query split")
     split = context.encoder(dataset)
@@ -195,7 +188,7 @@ def run_text2mol(context: EvalContext, split_name: str) -> ProtocolOutput:
     text_splits = text2mol_text_splits()
     loaded: dict[str, tuple[datasets.PairDataset, FeaturizedSplit]] = {}
     for name in dict.fromkeys((*TEXT2MOL_MOLECULE_SPLITS, *text_splits)):
-        dataset = _load(name, context.max_pairs)
+        dataset = datasets.load_split_head(name, context.max_pairs)
         loaded[name] = (dataset, context.encoder.molecules(dataset))
 
     def pool(names: Sequence[str]) -> list[tuple[str, np.ndarray]]:
