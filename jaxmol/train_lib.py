@@ -24,7 +24,7 @@ import numpy as np
 import optax
 
 from jaxmol import builders, checkpointing, evaluation, scoring
-from jaxmol.config import validate_config
+from jaxmol.config import ConfigError, validate_config
 from jaxmol.data import batching, datasets
 from jaxmol.data.encoding import EncodedSplit, SplitEncoder
 from jaxmol.models.retrieval import RetrievalModel, count_params
@@ -126,8 +126,9 @@ def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainRun:
 def _setup_locked(config: ml_collections.ConfigDict, workdir: Path, lock: WorkdirLock) -> TrainRun:
     runner = DataParallel(config.parallel, select_devices(config.num_devices))
     if config.batch_size % runner.num_devices:
-        raise ValueError(
-            f"batch_size {config.batch_size} is not a multiple of the {runner.num_devices} devices"
+        raise ConfigError(
+            f"config.batch_size={config.batch_size} is not a multiple of the "
+            f"{runner.num_devices} devices (set config.num_devices or the batch size)"
         )
     encoder = builders.split_encoder(config)
     train_split = encoder(
