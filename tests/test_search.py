@@ -1,13 +1,12 @@
 """Search: input readers, exact top-k, the index (build, resume, round trip, damage, wrong
 checkpoint), the pool-protocol equality, the CLI, the web server and the page in a browser.
 
-One tiny model is trained (one step) per module (`workdir`); every index here holds a few dozen
-ChEBI-20 test molecules.
+The checkpoint is the session's shared tiny training run (`trained_run` in conftest.py, read
+only); every index here holds a few dozen ChEBI-20 test molecules.
 """
 
 import gzip
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -22,6 +21,7 @@ import pytest
 
 from jaxmol.search import readers
 from jaxmol.search.topk import ExactTopK, competition_ranks
+from tests import conftest
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_PAIRS = 40
@@ -166,20 +166,9 @@ def test_exact_topk_matches_brute_force_with_ties_chunks_and_devices():
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    """A tiny model trained 1 step on the test session's devices (no validation)."""
-    from configs import tiny
-    from jaxmol import train_lib
-
-    config = tiny.get_config()
-    config.data.val_split = ""
-    config.data.max_train_pairs = 32
-    config.data.test_splits = ()
-    config.num_steps = 1
-    config.checkpoint_every_steps = 1
-    workdir = tmp_path_factory.mktemp("tiny_search")
-    train_lib.train_and_evaluate(config, str(workdir))
-    return workdir
+def workdir(trained_run):
+    """The session's shared tiny training run (conftest; read only here)."""
+    return trained_run[0]
 
 
 @pytest.fixture(scope="module")
@@ -242,7 +231,8 @@ def test_index_files_failures_and_round_trip(index, retriever, pairs, tmp_path):
     assert meta["status"] == "complete" and meta["format_version"] == FORMAT_VERSION
     assert meta["count"] == NUM_PAIRS == len(index) and meta["num_records"] == NUM_PAIRS + 1
     assert meta["checkpoint"]["params_sha256"] == retriever.params_hash
-    assert meta["checkpoint"]["step"] == 1 and meta["dimension"] == retriever.embed_dim
+    assert meta["checkpoint"]["step"] == conftest.IN_PROCESS_STEPS
+    assert meta["dimension"] == retriever.embed_dim
     assert meta["model"]["rdkit_version"] == rdBase.rdkitVersion
     assert meta["model"]["featurizer"] == "ogb" and meta["dtype"] == "float32"
     assert len(meta["shards"]) == 3  # 41 records in shards of 16
@@ -310,7 +300,7 @@ def test_a_different_checkpoint_is_refused(index, retriever, workdir):
     from jaxmol.search import Index, Retriever, WrongCheckpointError
 
     changed = jax.tree.map(lambda x: x * 1.001, retriever.variables.tree)
-    other = Retriever(retriever.model, changed, retriever.config, step=1, workdir=workdir)
+    other = Retriever(retriever.model, changed, retriever.config, step=4, workdir=workdir)
     with pytest.raises(WrongCheckpointError, match="params sha256"):
         Index.load(index.path, other)
 
@@ -406,8 +396,8 @@ def test_build_from_sdf_reports_the_bad_record(retriever, tmp_path):
 
 
 def _cli(*args, cwd=ROOT, timeout=300):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
     command = [sys.executable, str(ROOT / "search.py"), *map(str, args)]
+    env = conftest.subprocess_env(devices=1)  # the session's compilation cache, one device
     return subprocess.run(
         command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )

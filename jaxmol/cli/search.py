@@ -30,6 +30,7 @@ from jaxmol import cli
 
 COMMANDS = ("build", "query", "serve")
 EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("index", None, "Index directory (build writes it; query/serve read it).")
@@ -286,6 +287,16 @@ def main(argv):
     except _expected_errors() as error:
         print(f"search.py {argv[1]}: error: {error}", file=sys.stderr)
         sys.exit(EXIT_ERROR)
+    except KeyboardInterrupt:
+        if argv[1] == "build":
+            print(
+                "search.py build: interrupted; the finished shards are kept: run the same "
+                "command to resume",
+                file=sys.stderr,
+            )
+            sys.exit(EXIT_INTERRUPTED)
+        if argv[1] != "serve":
+            raise
 
 
 def run() -> None:

@@ -51,6 +51,9 @@ FAILURES = "failures.tsv"
 KINDS = ("molecules", "texts")
 DTYPES = ("float32", "float16")
 DEFAULT_SHARD_SIZE = 16_384
+# Records read, featurised and embedded together: the reader thread works on the next piece
+# while the devices embed this one, so reading overlaps compute from the first piece on.
+PIECE_SIZE = 1_024
 MAX_K = 10_000
 _FILES = ("emb", "ids", "values", "failures")
 _SUFFIX = {"emb": ".emb.npy", "ids": ".ids.txt", "values": ".values.txt"}
@@ -397,9 +400,9 @@ class Index:
     ) -> Index:
         """Builds (or resumes building) an index of `source` into `path`.
 
-        The input is read in chunks of `shard_size` records in a background thread, which also
-        parses and featurises them while the devices embed the previous chunk; each chunk
-        becomes one shard. Rows that cannot be embedded are listed in ``failures.tsv``.
+        The input is read in a background thread, which also parses, featurises and packs the
+        next `PIECE_SIZE` records while the devices embed the previous ones; every `shard_size`
+        records become one shard. Rows that cannot be embedded are listed in ``failures.tsv``.
 
         Args:
           retriever: the `Retriever`.
@@ -408,7 +411,8 @@ class Index:
           shard_size: input records per shard (the unit of resumption).
           dtype: 'float32' or 'float16' (half the size; scores differ in the 4th digit).
           overwrite: replace a finished index (or an unfinished one of other settings) there.
-          progress: called as progress(records, embedded) after every shard.
+          progress: called as progress(records, embedded) after every piece of at most
+            `PIECE_SIZE` records.
           on_shard: called with each finished shard's entry of meta.json.
 
         Raises:
@@ -783,17 +787,21 @@ def _build_shards(retriever, source: Source, directory: Path, meta: dict, progre
     encoder = LibraryMoleculeEncoder(retriever, meta.get("graph_budgets")) if molecules else None
 
     def produce():
-        # Reader thread: read, parse and featurise (and pack) the next chunk.
+        # Reader thread: read, parse and featurise (and pack) the next pieces of a shard.
         for chunk in _chunks(source.records(meta["num_records"]), meta["shard_size"]):
-            good = [record for record in chunk if record.error is None]
-            if molecules:
-                graphs = retriever.featurize([r.value for r in good], [r.id for r in good])
-                yield chunk, good, graphs, encoder.prepare(graphs)
-            else:
-                yield chunk, good, None, None
+            for first in range(0, len(chunk), PIECE_SIZE):
+                piece = chunk[first : first + PIECE_SIZE]
+                last = first + PIECE_SIZE >= len(chunk)
+                good = [record for record in piece if record.error is None]
+                if molecules:
+                    graphs = retriever.featurize([r.value for r in good], [r.id for r in good])
+                    yield piece, good, graphs, encoder.prepare(graphs), last
+                else:
+                    yield piece, good, None, None, last
 
-    for chunk, good, graphs, prepared in batching.prefetch(produce(), size=1):
-        failed = [(r.line, r.id, r.value, r.error) for r in chunk if r.error is not None]
+    shard_records, shard_kept, shard_embeddings, shard_failed = [], [], [], []
+    for piece, good, graphs, prepared, last in batching.prefetch(produce(), size=2):
+        failed = [(r.line, r.id, r.value, r.error) for r in piece if r.error is not None]
         if molecules:
             valid = graphs.valid
             embeddings = encoder.embed(prepared, int(valid.sum()))
@@ -810,12 +818,26 @@ def _build_shards(retriever, source: Source, directory: Path, meta: dict, progre
                 if good
                 else np.zeros((0, meta["dimension"]), np.float32)
             )
-        failed.sort(key=lambda row: row[0])
+        shard_records += piece
+        shard_kept += kept
+        shard_embeddings.append(embeddings)
+        shard_failed += failed
+        if progress is not None:
+            progress(len(piece), len(kept))
+        if not last:
+            continue
+        shard_failed.sort(key=lambda row: row[0])
         if encoder is not None:
             meta["graph_budgets"] = encoder.budgets_dict()
-        entry = _write_shard(directory, meta, chunk, kept, embeddings, failed)
-        if progress is not None:
-            progress(len(chunk), len(kept))
+        entry = _write_shard(
+            directory,
+            meta,
+            shard_records,
+            shard_kept,
+            np.concatenate(shard_embeddings),
+            shard_failed,
+        )
+        shard_records, shard_kept, shard_embeddings, shard_failed = [], [], [], []
         if on_shard is not None:
             on_shard(entry)
 

@@ -170,6 +170,11 @@ class Retriever:
             "embed_dim": self.embed_dim,
         }
 
+    def _batch_for(self, count: int) -> int:
+        """The embedding batch for `count` items: the run's batch, or the next power of two
+        when fewer (a single query is not padded to a whole batch; few shapes compile)."""
+        return min(self.batch_size, 1 << max(count - 1, 0).bit_length())
+
     # -----------------------------------------------------------------------------------------
     # Texts.
 
@@ -194,7 +199,9 @@ class Retriever:
         if not texts:
             return np.zeros((0, self.embed_dim), np.float32)
         tokens = self.encoder.texts(texts)
-        raw = self.embedder.embed_texts(self.variables, tokens, batch_size=self.batch_size)
+        raw = self.embedder.embed_texts(
+            self.variables, tokens, batch_size=self._batch_for(len(texts))
+        )
         return l2_normalize_rows(raw, "text embeddings")
 
     # -----------------------------------------------------------------------------------------
@@ -231,7 +238,7 @@ class Retriever:
         if len(rows) == 0:
             return np.zeros((0, self.embed_dim), np.float32)
         raw = self.embedder.embed_molecules(
-            self.variables, graphs, rows, batch_size=self.batch_size
+            self.variables, graphs, rows, batch_size=self._batch_for(len(rows))
         )
         return l2_normalize_rows(raw, "molecule embeddings")
 
