@@ -121,6 +121,21 @@ def test_text_reader_lines(tmp_path):
     ]
 
 
+def test_split_source_deduplicates_by_id_and_checks_texts():
+    from jaxmol.data import datasets
+
+    test = datasets.load_split("chebi20/test")
+    records = list(readers.split_source("chebi20/test,chebi20/test").records())
+    assert [r.id for r in records] == list(test.ids)  # the second copy adds nothing
+    assert records[0].value == test.smiles[0]
+    texts = readers.split_source(["chebi20/test"], "texts").records(skip=len(test) - 1)
+    assert [r.value for r in texts] == [test.texts[-1]]
+    with pytest.raises(readers.ReaderError, match="has no texts"):
+        readers.split_source("chebi20/train_molecules", "texts")
+    with pytest.raises(readers.ReaderError, match="unknown split"):
+        readers.split_source("chebi20/tset")
+
+
 # ----------------------------------------------------------------------------------------------
 # Exact top-k (no model).
 
