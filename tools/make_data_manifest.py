@@ -7,7 +7,7 @@ Run after (and only after) deliberately changing a file under data/:
 
 import json
 
-from jaxmol.data.datasets import DATA_DIR, MANIFEST_NAME, _sha256, count_rows
+from jaxmol.data.datasets import DATA_DIR, MANIFEST_NAME, count_rows, sha256_file
 
 SHIPPED = (
     "chebi20/validation.tsv",
@@ -25,7 +25,7 @@ def main() -> None:
     for relative in SHIPPED:
         path = DATA_DIR / relative
         files[relative] = {
-            "sha256": _sha256(path),
+            "sha256": sha256_file(path),
             "bytes": path.stat().st_size,
             "rows": count_rows(path),
         }

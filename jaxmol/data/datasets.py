@@ -91,7 +91,8 @@ class PairDataset:
         )
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """SHA-256 hex digest of a file, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -125,7 +126,7 @@ def load_manifest(data_dir: Path = DATA_DIR) -> dict:
 
 @functools.cache
 def _verified(path: Path, size: int, mtime_ns: int, sha256: str, rows: int) -> None:
-    actual = _sha256(path)
+    actual = sha256_file(path)
     if actual != sha256:
         raise DataError(
             f"{path} does not match data/{MANIFEST_NAME}: sha256 {actual} != {sha256} "

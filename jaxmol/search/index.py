@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
-import hashlib
 import json
 import logging
 import mmap
@@ -37,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxmol.data import batching
+from jaxmol.data.datasets import sha256_file
 from jaxmol.search import readers
 from jaxmol.search.readers import Record, Source
 from jaxmol.search.topk import DeviceLibrary, ExactTopK, competition_ranks
@@ -128,14 +128,6 @@ class SearchResult:
 # ---------------------------------------------------------------------------------------------
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):  # not every filesystem lets a directory be opened
         fd = os.open(path, os.O_RDONLY)
@@ -151,7 +143,7 @@ def _write_file(path: Path, write: Callable) -> dict:
         write(f)
         f.flush()
         os.fsync(f.fileno())
-    return {"bytes": path.stat().st_size, "sha256": _sha256_file(path)}
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 def _write_json_atomic(path: Path, value: dict) -> None:
@@ -246,7 +238,7 @@ def _open_shard(directory: Path, entry: dict, meta: dict, first_row: int, verify
                 f"{directory}: shard file {path.name} has {path.stat().st_size} bytes, the "
                 f"index lists {recorded['bytes']} (damaged or partly written)"
             )
-        if verify and _sha256_file(path) != recorded["sha256"]:
+        if verify and sha256_file(path) != recorded["sha256"]:
             raise IndexFileError(f"{directory}: shard file {path.name} fails its SHA-256 check")
     emb_path = _shard_path(directory, name, "emb")
     try:
