@@ -86,8 +86,18 @@ def get_config() -> ml_collections.ConfigDict:
     config.num_steps = -1  # > 0 overrides num_epochs
 
     config.parallel = "shard_map"  # or "pmap"
-    config.num_devices = -1  # -1: all local devices
-    config.distributed = False  # True: jax.distributed.initialize() (multi-host)
+    config.num_devices = -1  # -1: all devices (single process only; several processes use all)
+    # Several processes (hosts), one global mesh: docs/multihost.md. True calls
+    # jax.distributed.initialize(); with the three keys below unset it detects TPU pods, SLURM
+    # and the $JAXMOL_COORDINATOR_ADDRESS / $JAXMOL_NUM_PROCESSES / $JAXMOL_PROCESS_ID variables
+    # that `python -m jaxmol.launch` sets.
+    config.distributed = False
+    config.coordinator_address = ""  # "host:port" of process 0
+    config.num_processes = -1
+    config.process_id = -1
+    # Seconds to wait for all processes to join, and for a collective or a peer before a
+    # process gives up with an error instead of hanging.
+    config.distributed_timeout_s = 300
 
     config.log_every_steps = 50
     config.eval_every_steps = 2000

@@ -30,6 +30,7 @@ _POSITIVE = (
     "checkpoint_every_steps",
     "keep_checkpoints",
     "eval_batch_size",
+    "distributed_timeout_s",
     "data.max_text_length",
     "model.gin_layers",
     "model.gin_dim",

@@ -477,6 +477,10 @@ _RESUME_FREE_KEYS = {
     "parallel",
     "num_devices",
     "distributed",
+    "coordinator_address",
+    "num_processes",
+    "process_id",
+    "distributed_timeout_s",
 }
 
 
