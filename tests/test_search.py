@@ -446,10 +446,46 @@ def test_cli_build_query_and_errors(workdir, pairs, tmp_path):
     assert [h["rank"] for h in answers[0]["results"]] == [1, 2, 3]
     assert set(answers[0]["results"][0]) == {"rank", "score", "id", "smiles"}
 
-    missing = _cli("query", f"--index={tmp_path / 'nowhere'}", "--text=an acid")
-    assert missing.returncode == 2 and "search.py query: error: no index" in missing.stderr
-    wrong = _cli("query", f"--index={out}", "--smiles=CCO")
-    assert wrong.returncode == 2 and "query it with --text" in wrong.stderr
+    # Expected failures: one line and the statuses of train.py / evaluate.py (jaxmol.cli).
+    def fails(result, status: int, message: str) -> bool:
+        lines = result.stderr.strip().splitlines()
+        return (
+            result.returncode == status
+            and message in lines[-1]
+            and "Traceback" not in result.stderr
+        )
+
+    missing_index = _cli("query", f"--index={tmp_path / 'nowhere'}", "--text=an acid")
+    assert fails(missing_index, 3, "search.py query: error: no index"), missing_index.stderr
+    missing_input = _cli(
+        "build", f"--workdir={workdir}", f"--molecules={tmp_path / 'no.smi'}", f"--index={out}2"
+    )
+    assert fails(missing_input, 3, "input file not found"), missing_input.stderr
+    missing_queries = _cli("query", f"--index={out}", f"--queries={tmp_path / 'no.txt'}")
+    assert fails(missing_queries, 3, "--queries file not found"), missing_queries.stderr
+    no_checkpoint = _cli(
+        "build", f"--workdir={tmp_path}", f"--molecules={csv_path}", f"--index={out}2"
+    )
+    assert fails(no_checkpoint, 4, "no checkpoints in"), no_checkpoint.stderr
+    # The index holds step 4's embeddings (the shared run keeps every step's checkpoint).
+    other_weights = _cli("query", f"--index={out}", "--step=1", "--text=an acid")
+    assert fails(other_weights, 4, "embeddings of different weights"), other_weights.stderr
+    wrong_kind = _cli("query", f"--index={out}", "--smiles=CCO")
+    assert fails(wrong_kind, 2, "query it with --text"), wrong_kind.stderr
+    again = _cli("build", f"--workdir={workdir}", f"--molecules={csv_path}", f"--index={out}")
+    assert fails(again, 2, "overwrite"), again.stderr
+    no_command = _cli()
+    assert fails(no_command, 2, "give one command"), no_command.stderr
+
+
+def test_search_errors_carry_the_documented_exit_statuses():
+    from jaxmol import cli
+    from jaxmol.search import BuildError, IndexFileError, ReaderError, WrongCheckpointError
+
+    assert cli.exit_status(ReaderError("x")) == cli.EXIT_DATA
+    assert cli.exit_status(IndexFileError("x")) == cli.EXIT_DATA
+    assert cli.exit_status(WrongCheckpointError("x")) == cli.EXIT_CHECKPOINT
+    assert cli.exit_status(BuildError("x")) == cli.EXIT_CONFIG
 
 
 # ----------------------------------------------------------------------------------------------

@@ -12,8 +12,14 @@ python search.py serve --index DIR [--port 8000]
 `build` reads the input in shards (never the whole library in memory) and resumes an
 interrupted build when run again with the same arguments; rows that cannot be embedded are
 listed in DIR/failures.tsv. `query` and `serve` restore the checkpoint the index names (or
-`--workdir`) and refuse an index built from other weights. An expected failure (bad input, a
-missing or damaged index, a wrong checkpoint) prints one line and exits with status 2.
+`--workdir`) and refuse an index built from other weights.
+
+Exit statuses are those of train.py and evaluate.py (`jaxmol.cli.run_guarded`): an expected
+failure prints one line, ``search.py COMMAND: error: ...``, and exits with 2 (usage: flags, an
+existing index without --overwrite, a changed input on resume), 3 (data: a missing or unreadable
+input or queries file, an unknown split, a missing, unfinished or damaged index) or 4 (checkpoint:
+none restores, or the index was built from other weights). Ctrl-C during `build` exits with 130
+after keeping the finished shards.
 """
 
 import os
@@ -27,10 +33,9 @@ from pathlib import Path
 from absl import app, flags
 
 from jaxmol import cli
+from jaxmol.config import ConfigError
 
 COMMANDS = ("build", "query", "serve")
-EXIT_ERROR = 2
-EXIT_INTERRUPTED = 130
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("index", None, "Index directory (build writes it; query/serve read it).")
@@ -77,16 +82,8 @@ flags.DEFINE_string("host", "127.0.0.1", "Address to serve on (default: this mac
 flags.DEFINE_integer("port", 8000, "Port to serve on (0: any free port).")
 
 
-class UsageError(ValueError):
-    """A bad combination of flags."""
-
-
-def _expected_errors() -> tuple[type[BaseException], ...]:
-    from jaxmol.checkpointing import CheckpointError
-    from jaxmol.data.datasets import DataError
-    from jaxmol.search import ReaderError, SearchError
-
-    return (UsageError, cli.DataDirError, CheckpointError, DataError, ReaderError, SearchError)
+class UsageError(ConfigError):
+    """A bad flag or combination of flags (a `ConfigError`: exit status 2)."""
 
 
 def _parse_step(value: str, default):
@@ -199,7 +196,9 @@ def _queries(kind: str) -> list[str]:
     if FLAGS.queries:
         path = Path(FLAGS.queries).expanduser()
         if not path.is_file():
-            raise UsageError(f"--queries file not found: {path}")
+            from jaxmol.search import ReaderError
+
+            raise ReaderError(f"--queries file not found: {path}")
         for line in path.read_text(encoding="utf-8-sig").splitlines():
             line = line.strip()
             if line and not line.startswith("#"):
@@ -243,12 +242,14 @@ def _print_results(results, kind: str) -> None:
 
 
 def query() -> None:
-    from jaxmol.search import Index
+    from jaxmol.search import MAX_K, Index
 
     if not FLAGS.index:
         raise UsageError("query needs --index")
     if FLAGS.json and FLAGS.tsv:
         raise UsageError("choose one of --json and --tsv")
+    if not 1 <= FLAGS.k <= MAX_K:
+        raise UsageError(f"-k must be from 1 to {MAX_K:,}, got {FLAGS.k}")
     index = Index.load(FLAGS.index, verify=FLAGS.verify)  # a bad index fails before the restore
     queries = _queries(index.kind)
     index.attach(_retriever_for_index(FLAGS.index))
@@ -278,24 +279,27 @@ def serve() -> None:
 
 
 def main(argv):
-    if len(argv) != 2 or argv[1] not in COMMANDS:
-        raise app.UsageError(f"give one command: {', '.join(COMMANDS)} (got {argv[1:]})")
+    command_name = argv[1] if len(argv) == 2 and argv[1] in COMMANDS else None
+    program = f"search.py {command_name}" if command_name else "search.py"
     cli.setup_logging()
-    command = {"build": build, "query": query, "serve": serve}[argv[1]]
+
+    def run_command() -> None:
+        if command_name is None:
+            raise UsageError(f"give one command: {', '.join(COMMANDS)} (got {argv[1:]})")
+        {"build": build, "query": query, "serve": serve}[command_name]()
+
     try:
-        command()
-    except _expected_errors() as error:
-        print(f"search.py {argv[1]}: error: {error}", file=sys.stderr)
-        sys.exit(EXIT_ERROR)
+        # Expected failures become one line and their documented status (module docstring).
+        cli.run_guarded(program, run_command)
     except KeyboardInterrupt:
-        if argv[1] == "build":
+        if command_name == "build":
             print(
                 "search.py build: interrupted; the finished shards are kept: run the same "
                 "command to resume",
                 file=sys.stderr,
             )
-            sys.exit(EXIT_INTERRUPTED)
-        if argv[1] != "serve":
+            sys.exit(cli.EXIT_CTRL_C)
+        if command_name != "serve":
             raise
 
 

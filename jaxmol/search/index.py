@@ -35,8 +35,10 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxmol.checkpointing import CheckpointError
+from jaxmol.config import ConfigError
 from jaxmol.data import batching
-from jaxmol.data.datasets import sha256_file
+from jaxmol.data.datasets import DataError, sha256_file
 from jaxmol.search import readers
 from jaxmol.search.readers import Record, Source
 from jaxmol.search.topk import DeviceLibrary, ExactTopK, competition_ranks
@@ -60,20 +62,26 @@ _SUFFIX = {"emb": ".emb.npy", "ids": ".ids.txt", "values": ".values.txt"}
 _SUFFIX["failures"] = ".failures.tsv"
 
 
+# Each error below is also the project error of its kind, so the command line
+# (`jaxmol.cli.run_guarded`) exits with the documented status without knowing search exists.
+
+
 class SearchError(ValueError):
     """Base class of the search errors below."""
 
 
-class IndexFileError(SearchError):
-    """Not an index, an unfinished one, or a damaged one."""
+class IndexFileError(SearchError, DataError):
+    """Not an index, an unfinished one, or a damaged one (a data error: exit status 3)."""
 
 
-class WrongCheckpointError(SearchError):
-    """The index was embedded with other weights (or another featuriser) than the retriever's."""
+class WrongCheckpointError(SearchError, CheckpointError):
+    """The index was embedded with other weights (or another featuriser) than the retriever's
+    (a checkpoint error: exit status 4)."""
 
 
-class BuildError(SearchError):
-    """A build that cannot start or resume (an existing index, a changed input or setting)."""
+class BuildError(SearchError, ConfigError):
+    """A build that cannot start or resume (an existing index, a changed input or setting): a
+    usage error, exit status 2."""
 
 
 @dataclasses.dataclass(frozen=True)

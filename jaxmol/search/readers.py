@@ -38,6 +38,8 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+from jaxmol.data.datasets import DataError
+
 MOLECULE_FORMATS = ("smi", "csv", "tsv", "sdf")
 TEXT_FORMATS = ("txt", "csv", "tsv")
 _SUFFIX_FORMATS = {
@@ -53,8 +55,11 @@ _SUFFIX_FORMATS = {
 }
 
 
-class ReaderError(ValueError):
-    """An input that cannot be read at all (missing file, unknown format, bad header)."""
+class ReaderError(DataError):
+    """An input that cannot be read at all (missing file, unknown format, bad header).
+
+    A `DataError`, so the command line exits with the data status (3), as for a bad split file.
+    """
 
 
 @dataclasses.dataclass(frozen=True)
