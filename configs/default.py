@@ -95,9 +95,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.coordinator_address = ""  # "host:port" of process 0
     config.num_processes = -1
     config.process_id = -1
-    # Seconds to wait for all processes to join, and for a collective or a peer before a
-    # process gives up with an error instead of hanging.
+    # Seconds to wait for all processes to join (or for the coordinator) before failing.
     config.distributed_timeout_s = 300
+    # A process silent this long is dead: JAX then aborts every other process of the run.
+    config.heartbeat_timeout_s = 100
 
     config.log_every_steps = 50
     config.eval_every_steps = 2000

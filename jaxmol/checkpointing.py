@@ -12,6 +12,10 @@ A checkpoint step holds four items:
 Restores always go through an abstract target with explicit shardings (a checkpoint written on 8
 devices restores on 1), and every failure is re-raised as `CheckpointError` naming the directory,
 the step and what is wrong.
+
+Several processes: every process creates the `Checkpointer` and calls `save` and the restores
+together (orbax coordinates them: process 0 writes the replicated state, the JSON items and the
+metadata); moving damaged steps aside is done by process 0 while the others wait.
 """
 
 from __future__ import annotations
@@ -81,9 +85,11 @@ class Checkpointer:
         # writing; when reading, the manager sees a view of the directory without them.
         self.damaged = _damaged_steps(self.directory)
         manager_dir = self.directory
-        if self.damaged and not read_only:
-            for step, reason in sorted(self.damaged.items()):
-                _move_aside(self.directory, step, reason)
+        if not read_only:
+            if self.damaged and jax.process_index() == 0:
+                for step, reason in sorted(self.damaged.items()):
+                    _move_aside(self.directory, step, reason)
+            _barrier("jaxmol_checkpoints_opened")
         elif self.damaged:
             manager_dir = _view_without(self.directory, self.damaged)
         self._manager_dir = manager_dir
@@ -182,7 +188,10 @@ class Checkpointer:
     def set_aside(self, step: int, reason: str) -> Path:
         """Moves a damaged step out of the way (never deletes it) so that orbax can keep
         saving; returns where it went: ``<directory>/../damaged_checkpoints/<step>``."""
-        target = _move_aside(self.directory, step, reason)
+        target = self.directory.parent / "damaged_checkpoints" / str(step)
+        if jax.process_index() == 0:
+            target = _move_aside(self.directory, step, reason)
+        _barrier(f"jaxmol_set_aside_{step}")
         self._manager.reload()
         return target
 
@@ -293,6 +302,17 @@ class Checkpointer:
                 f"({len(problems)} problems; was it written with another config?):\n  "
                 f"{listing}{more}"
             )
+
+
+_barrier_count = 0
+
+
+def _barrier(name: str) -> None:
+    """Every process waits here until all arrived (no-op with one process)."""
+    global _barrier_count
+    if jax.process_count() > 1:
+        _barrier_count += 1  # orbax barrier names must be unique
+        ocp.multihost.sync_global_processes(f"{name}_{_barrier_count}")
 
 
 def _abstract(x: Any) -> Any:

@@ -15,6 +15,13 @@ Two runners execute the same function:
 * ``'pmap'``: `jax.pmap` with axis name 'data'; the state is stacked [D, ...].
 
 A single device is the shard_map runner on a one-device mesh, so there is one code path.
+
+Several processes (hosts, `jaxmol.distributed`): the mesh holds the devices of *all* processes
+(`jax.devices()`), so every collective spans the global batch. Each process builds and passes
+only the chunks of its own devices (`local_chunks`, a contiguous range of the device axis):
+`shard` assembles them into global arrays (`jax.make_array_from_process_local_data`; pmap takes
+per-process chunks itself), and `fetch` gathers per-device outputs of all processes back to
+every host (`multihost_utils.process_allgather`).
 """
 
 from __future__ import annotations
@@ -32,7 +39,19 @@ MODES = ("shard_map", "pmap")
 
 
 def select_devices(num_devices: int = -1) -> list:
-    """The first `num_devices` local devices (-1: all), with a clear error if too few."""
+    """The first `num_devices` local devices (-1: all), with a clear error if too few.
+
+    With several processes every device of every process takes part (`jax.devices()`); then
+    `num_devices` must be -1 or the global device count.
+    """
+    if jax.process_count() > 1:
+        devices = jax.devices()
+        if num_devices not in (-1, len(devices)):
+            raise ValueError(
+                f"num_devices={num_devices}: a run of {jax.process_count()} processes uses all "
+                f"{len(devices)} devices (leave num_devices at -1)"
+            )
+        return devices
     devices = jax.local_devices()
     if num_devices == -1:
         return devices
@@ -61,27 +80,72 @@ class DataParallel:
         )
         self._replicated = NamedSharding(self.mesh, P())
         self._split = NamedSharding(self.mesh, P(AXIS))
+        # This process's devices: a contiguous range of the device axis (jax.devices() lists
+        # the devices process by process).
+        mine = [i for i, d in enumerate(self.devices) if d.process_index == jax.process_index()]
+        if not mine or mine != list(range(mine[0], mine[-1] + 1)):
+            raise ValueError(
+                f"process {jax.process_index()} owns devices at positions {mine} of the mesh; "
+                "they must be a non-empty contiguous range"
+            )
+        self.local_chunks = slice(mine[0], mine[-1] + 1)
+        self.num_local_devices = len(mine)
+        self.multiprocess = self.num_local_devices < self.num_devices
 
     def replicate(self, tree: Any) -> Any:
-        """Host or single-device pytree -> the layout the runner expects for replicated state."""
+        """Host, single-device or globally replicated pytree -> the layout the runner expects
+        for replicated state (every process passes the same values)."""
         if self.mode == "pmap":
+            local = self.num_local_devices
             stacked = jax.tree.map(
-                lambda x: np.broadcast_to(np.asarray(x), (self.num_devices, *np.shape(x))), tree
+                lambda x: np.broadcast_to(np.asarray(x), (local, *np.shape(x))), tree
             )
             return jax.pmap(lambda x: x, devices=self.devices)(stacked)
         return jax.device_put(tree, self._replicated)
 
     def unreplicate(self, tree: Any) -> Any:
-        """Replicated state -> one copy (what checkpoints store)."""
+        """Replicated state -> one copy."""
         if self.mode == "pmap":
             return jax.tree.map(lambda x: x[0], tree)
         return tree
 
+    def for_checkpoint(self, tree: Any) -> Any:
+        """Replicated state -> one copy that orbax can save from every process at once: a
+        globally replicated array (process 0 writes it), never one private copy per process."""
+        tree = self.unreplicate(tree)
+        if self.mode == "pmap" and self.multiprocess:
+            return jax.device_put(jax.tree.map(np.asarray, tree), self._replicated)
+        return tree
+
+    def abstract_replicated(self, tree: Any) -> Any:
+        """`jax.ShapeDtypeStruct`s replicated over the mesh: a restore target that reads a
+        checkpoint of any device or process count onto this runner's devices."""
+        return jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=self._replicated), tree
+        )
+
     def shard(self, batch: Any) -> Any:
-        """Host batch with a leading [D, ...] axis -> device arrays split over devices."""
+        """This process's chunks [D_local, ...] (all [D, ...] on one process) -> device arrays
+        split over the devices; with several processes, one global [D, ...] array."""
         if self.mode == "pmap":
-            return batch  # pmap splits host arrays over its devices itself
+            return batch  # pmap splits host arrays over its (local) devices itself
+        if self.multiprocess:
+            return jax.tree.map(
+                lambda x: jax.make_array_from_process_local_data(self._split, np.asarray(x)),
+                batch,
+            )
         return jax.device_put(batch, self._split)
+
+    def fetch(self, sharded: Any) -> Any:
+        """A 'sharded' output ([D, ...] over all devices) -> host numpy [D, ...] on every
+        process, including the rows other processes computed."""
+        if not self.multiprocess:
+            return jax.tree.map(np.asarray, sharded)
+        from jax.experimental import multihost_utils
+
+        # A pmap output holds this process's [D_local, ...] (concatenated over processes); a
+        # shard_map output is already one global array (gathered whole).
+        return jax.tree.map(np.asarray, multihost_utils.process_allgather(sharded, tiled=True))
 
     def run(
         self,
@@ -109,12 +173,13 @@ class DataParallel:
         if any(kind not in ("replicated", "sharded") for kind in out_kinds):
             raise ValueError(f"out_kinds must be 'replicated' or 'sharded', got {out_kinds}")
         if self.mode == "pmap":
-            return jax.pmap(
+            mapped = jax.pmap(
                 per_device_fn,
                 axis_name=AXIS,
                 devices=self.devices,
                 donate_argnums=donate_argnums,
             )
+            return self._compiled_together(lambda *args: mapped) if self.multiprocess else mapped
 
         def local(*args):
             args = tuple(
@@ -129,7 +194,7 @@ class DataParallel:
 
         compiled: dict[int, Callable] = {}
 
-        def call(*args):
+        def jitted(*args):
             if len(args) not in compiled:
                 in_specs = tuple(P() if i in replicated_args else P(AXIS) for i in range(len(args)))
                 out_specs = tuple(P(AXIS) if k == "sharded" else P() for k in out_kinds)
@@ -143,6 +208,34 @@ class DataParallel:
                     ),
                     donate_argnums=donate_argnums,
                 )
-            return compiled[len(args)](*args)
+            return compiled[len(args)]
 
-        return call
+        if self.multiprocess:
+            return self._compiled_together(jitted)
+        return lambda *args: jitted(*args)(*args)
+
+    def _compiled_together(self, program_for: Callable) -> Callable:
+        """Several processes: compiles each new input signature ahead of time, then waits for
+        every process to have compiled it before the first run.
+
+        The first run of a program sets up its CPU (gloo) collectives, which gives up when the
+        processes arrive more than 30 s apart; compile times of a busy host differ by more.
+
+        Args:
+          program_for: (*args) -> the jitted or pmapped program for these arguments.
+        """
+        from jaxmol import distributed  # jaxmol.parallel stays free of start-up code
+
+        executables: dict[Any, Callable] = {}
+
+        def run(*args):
+            leaves, treedef = jax.tree.flatten(args)
+            key = (treedef, tuple((np.shape(x), np.result_type(x)) for x in leaves))
+            executable = executables.get(key)
+            if executable is None:
+                executable = program_for(*args).lower(*args).compile()
+                distributed.barrier("compiled")
+                executables[key] = executable
+            return executable(*args)
+
+        return run

@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from jaxmol import builders, checkpointing, evaluation, scoring
+from jaxmol import builders, checkpointing, distributed, evaluation, scoring
 from jaxmol.config import ConfigError, validate_config
 from jaxmol.data import batching, datasets
 from jaxmol.data.encoding import EncodedSplit, SplitEncoder
@@ -95,7 +95,7 @@ class TrainRun:
     checkpointer: checkpointing.Checkpointer
     embedder: evaluation.Embedder
     val_split: EncodedSplit | None
-    lock: WorkdirLock
+    lock: WorkdirLock | _NoLock
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainRun:
@@ -112,10 +112,13 @@ def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainRun:
         checkpoint in it restores.
     """
     validate_config(config)
-    if config.distributed:
-        jax.distributed.initialize()
+    if distributed.requested(config):
+        distributed.initialize(config)
+        distributed.quiet_unless_primary()
+        distributed.check_same_config(_json_ready(config))
     workdir = Path(workdir).expanduser().absolute()
-    lock = WorkdirLock(workdir)
+    # Several processes share one workdir; process 0 holds the lock and writes the files.
+    lock = WorkdirLock(workdir) if distributed.is_primary() else _NoLock()
     try:
         return _setup_locked(config, workdir, lock)
     except BaseException:
@@ -123,7 +126,9 @@ def setup(config: ml_collections.ConfigDict, workdir: str | Path) -> TrainRun:
         raise
 
 
-def _setup_locked(config: ml_collections.ConfigDict, workdir: Path, lock: WorkdirLock) -> TrainRun:
+def _setup_locked(
+    config: ml_collections.ConfigDict, workdir: Path, lock: WorkdirLock | _NoLock
+) -> TrainRun:
     runner = DataParallel(config.parallel, select_devices(config.num_devices))
     if config.batch_size % runner.num_devices:
         raise ConfigError(
@@ -142,6 +147,7 @@ def _setup_locked(config: ml_collections.ConfigDict, workdir: Path, lock: Workdi
         group_by_length=config.data.group_by_length,
         text_buckets=config.data.text_buckets,
         single_graph_budget=config.data.single_graph_budget,
+        local_chunks=runner.local_chunks,
     )
     total_steps = (
         config.num_steps if config.num_steps > 0 else config.num_epochs * batcher.num_batches
@@ -155,8 +161,9 @@ def _setup_locked(config: ml_collections.ConfigDict, workdir: Path, lock: Workdi
     checkpointer = checkpointing.Checkpointer(
         workdir / "checkpoints", keep=config.keep_checkpoints, best_metric=config.best_metric
     )
-    state, position = _resume(checkpointer, state, resolved)
-    checkpointing.write_json(workdir / "config.json", resolved)
+    state, position = _resume(checkpointer, state, resolved, runner.abstract_replicated(state))
+    if distributed.is_primary():
+        checkpointing.write_json(workdir / "config.json", resolved)
     eval_model = RetrievalModel(builders.model_config_for(config, axis_name=None))
     val_split = None
     if config.data.val_split:
@@ -184,9 +191,12 @@ def _setup_locked(config: ml_collections.ConfigDict, workdir: Path, lock: Workdi
 
 
 def _resume(
-    checkpointer: checkpointing.Checkpointer, state: TrainState, resolved: dict
+    checkpointer: checkpointing.Checkpointer, state: TrainState, resolved: dict, target: Any
 ) -> tuple[TrainState, batching.Position]:
     """The newest checkpoint that restores completely (state, position), or the fresh state.
+
+    `target` gives the restored arrays' shapes and shardings (replicated over the runner's
+    mesh, so any device or process count restores any checkpoint).
 
     A checkpoint of a different run (config or model mismatch) is an error, not damage.
     Damaged newer steps are moved aside so that orbax can save those steps again.
@@ -202,7 +212,7 @@ def _resume(
         _check_resume_compatible(saved_config, resolved)
         try:
             restored = (
-                checkpointer.restore_state(step, state),
+                checkpointer.restore_state(step, target),
                 batching.Position.from_dict(checkpointer.restore_json(step, "data_position")),
             )
         except checkpointing.CheckpointMismatchError:
@@ -246,13 +256,14 @@ def train(run: TrainRun) -> tuple[TrainState, int]:
     config, runner = run.config, run.runner
     train_step = compile_train_step(runner, config, run.model, run.tx, run.critic_tx)
     state = runner.replicate(run.state)
-    log = MetricsLog(run.workdir / "metrics.jsonl")
+    log = MetricsLog(run.workdir / "metrics.jsonl", enabled=distributed.is_primary())
     step = int(run.state.step)
     position = run.position
     stream = batching.prefetch(run.batcher.iterate(position), size=config.data.prefetch)
     lr_schedule = learning_rate_schedule(config, config.optim.lr, run.total_steps)
     pending: list[tuple[int, Any]] = []  # (step, device metrics) not yet checked for NaN
-    interrupted = 0  # the first SIGINT / SIGTERM received
+    interrupted = 0  # the first SIGINT / SIGTERM received (by this process)
+    stop = False  # all processes agreed to stop after this step
     stop_signals = (signal.SIGINT, signal.SIGTERM)
     previous_handlers = {signum: signal.getsignal(signum) for signum in stop_signals}
 
@@ -269,14 +280,17 @@ def train(run: TrainRun) -> tuple[TrainState, int]:
 
     for signum in stop_signals:
         signal.signal(signum, on_signal)
-    progress = _progress_bar(run.total_steps, step)
+    progress = _progress_bar(run.total_steps, step, enabled=distributed.is_primary())
     window_start, window_pairs = time.perf_counter(), 0
+    # Pairs of the global batch from this process's chunks: exact except in the last, partly
+    # masked batch of an epoch when several processes share it.
+    pairs_scale = runner.num_devices / runner.num_local_devices
     try:
-        while step < run.total_steps and not interrupted:
+        while step < run.total_steps and not stop:
             position, batch = next(stream)
             state, metrics = train_step(state, runner.shard(batch))
             step += 1
-            window_pairs += int(batch["pair_mask"].sum())
+            window_pairs += int(batch["pair_mask"].sum()) * pairs_scale
             pending.append((step, metrics))
             last_of_run = step == run.total_steps
             log_now = step % config.log_every_steps == 0 or last_of_run
@@ -286,7 +300,8 @@ def train(run: TrainRun) -> tuple[TrainState, int]:
             save_now = step % config.checkpoint_every_steps == 0 or last_of_run
             # Fetching (blocking) at least every 8 steps also avoids a known shard_map dispatch
             # deadlock on CPU; a checkpoint is only written once its steps are known finite.
-            if len(pending) >= 8 or log_now or save_now:
+            synced = len(pending) >= 8 or log_now or save_now
+            if synced:
                 host = _check_finite(pending, runner)
                 pending = []
                 if log_now:
@@ -306,7 +321,14 @@ def train(run: TrainRun) -> tuple[TrainState, int]:
                 logger.info("step %d validation: %s", step, _short(val_metrics))
             if save_now:
                 _save(run, step, state, position, val_metrics)
-        if interrupted:
+            # One process stops only together with all others, at a step they all reach:
+            # with several processes the stop request is shared at the fetch points above.
+            if not runner.multiprocess:
+                stop = bool(interrupted)
+            elif synced:
+                stop = distributed.any_process(bool(interrupted))
+        if stop:
+            interrupted = interrupted or signal.SIGTERM  # another process was signalled
             if pending:
                 _check_finite(pending, runner)
             if run.checkpointer.latest_step() != step:  # not saved by the loop already
@@ -348,7 +370,7 @@ def evaluate_test_splits(run: TrainRun, state: TrainState, step: int) -> dict:
             checkpoint_step=step,
             weights=f"final weights: step {step}, end of training",
         )
-    if results:
+    if results and distributed.is_primary():
         print(evaluation.format_table(results))
     return results
 
@@ -375,12 +397,23 @@ def _json_ready(value: Any) -> Any:
     )
 
 
+class _NoLock:
+    """What processes other than 0 hold: process 0 holds the workdir lock for the run."""
+
+    def release(self) -> None:
+        pass
+
+
 class MetricsLog:
     """Appends one JSON object per line to workdir/metrics.jsonl, and writes TensorBoard
     scalars to workdir/tensorboard when the optional `tensorboardX` package is installed."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, enabled: bool = True):
         self.path = path
+        self.enabled = enabled  # False on processes other than 0: nothing is written
+        self._tensorboard = None
+        if not enabled:
+            return
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             from tensorboardX import SummaryWriter
@@ -390,6 +423,8 @@ class MetricsLog:
             self._tensorboard = SummaryWriter(str(path.parent / "tensorboard"))
 
     def write(self, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
         record = {
             "step": int(step),
             "time": time.time(),
@@ -415,10 +450,17 @@ def _short(metrics: dict) -> str:
     return ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float))
 
 
-def _progress_bar(total: int, initial: int):
+def _progress_bar(total: int, initial: int, enabled: bool = True):
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, mininterval=2.0)
+    return tqdm(
+        total=total,
+        initial=initial,
+        unit="step",
+        dynamic_ncols=True,
+        mininterval=2.0,
+        disable=not enabled,
+    )
 
 
 def _check_finite(pending: list, runner: DataParallel) -> dict:
@@ -456,7 +498,7 @@ def _save(run: TrainRun, step: int, state: TrainState, position, val_metrics: di
     """Saves `step`; `val_metrics` must be the validation of this very step (or empty)."""
     run.checkpointer.save(
         step,
-        run.runner.unreplicate(state),
+        run.runner.for_checkpoint(state),
         data_position=position.to_dict(),
         config=run.resolved,
         metrics=val_metrics,
@@ -481,6 +523,7 @@ _RESUME_FREE_KEYS = {
     "num_processes",
     "process_id",
     "distributed_timeout_s",
+    "heartbeat_timeout_s",
 }
 
 

@@ -23,6 +23,8 @@ traceback. Anything else is a bug and shows its traceback (status 1).
   5    the loss became NaN or infinite (names the step; nothing after the last finite
        checkpoint is saved)
   6    the workdir is locked by another training run (names its pid and host)
+  7    the processes of a multi-process run cannot work together (coordinator unreachable,
+       different configs); a process that dies ends the others (JAX aborts them, status 134)
   130  Ctrl-C: the run saved a checkpoint; the same command resumes
 """
 
@@ -49,6 +51,7 @@ EXIT_DATA = 3
 EXIT_CHECKPOINT = 4
 EXIT_NONFINITE = 5
 EXIT_LOCKED = 6
+EXIT_DISTRIBUTED = 7
 EXIT_CTRL_C = 130
 MANIFEST_NAME = "MANIFEST.json"
 
@@ -229,6 +232,7 @@ def exit_status(error: BaseException) -> int | None:
     from jaxmol.config import ConfigError
     from jaxmol.data.datasets import DataError
     from jaxmol.data.featurize import InvalidSmilesError
+    from jaxmol.distributed import DistributedError
     from jaxmol.evaluation import ProtocolError
     from jaxmol.train_lib import NonFiniteLossError, TrainingInterrupted
     from jaxmol.workdir import WorkdirLockedError
@@ -241,6 +245,7 @@ def exit_status(error: BaseException) -> int | None:
         ((CheckpointError,), EXIT_CHECKPOINT),
         ((NonFiniteLossError,), EXIT_NONFINITE),
         ((WorkdirLockedError,), EXIT_LOCKED),
+        ((DistributedError,), EXIT_DISTRIBUTED),
     )
     for kinds, status in statuses:
         if isinstance(error, kinds):
@@ -258,8 +263,27 @@ def run_guarded(program: str, body: Callable[[], object]) -> None:
             raise
         if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
             traceback.print_exc()
+        tag = _process_tag()
         if status == 0:
-            print(f"{program}: {error}; run the same command to resume", file=sys.stderr)
+            print(f"{program}{tag}: {error}; run the same command to resume", file=sys.stderr)
         else:
-            print(f"{program}: error: {error}", file=sys.stderr)
+            print(f"{program}{tag}: error: {error}", file=sys.stderr)
+        if tag:
+            # Several processes: leave now. A normal exit would wait in JAX's shutdown barrier
+            # for processes that may be stuck in a collective with this one; leaving makes the
+            # coordination service end them within the heartbeat timeout instead.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(status)
         sys.exit(status)
+
+
+def _process_tag() -> str:
+    """' [process i]' in a run of several processes, else ''."""
+    if "jax" not in sys.modules:
+        return ""
+    import jax
+
+    if not jax.distributed.is_initialized() or jax.process_count() == 1:
+        return ""
+    return f" [process {jax.process_index()}]"

@@ -41,6 +41,13 @@ flags.DEFINE_integer(
 flags.DEFINE_bool(
     "plots", False, "Also draw the evaluation pictures (PNG + CSV/JSON) into WORKDIR/plots/."
 )
+flags.DEFINE_bool(
+    "distributed",
+    False,
+    "Join the other processes of a multi-process evaluation (jax.distributed; set up as for "
+    "training: $JAXMOL_COORDINATOR_ADDRESS/... or `python -m jaxmol.launch`); embeds over all "
+    "devices of all processes, process 0 prints and writes the results.",
+)
 flags.mark_flags_as_required(["workdir", "split"])
 
 
@@ -59,6 +66,11 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     setup_logging()
     reports = []
+    from jaxmol import distributed
+
+    joined = FLAGS.distributed or distributed.requested()
+    if joined:
+        run_guarded("evaluate", _join_processes)
     run_guarded(
         "evaluate",
         lambda: reports.append(
@@ -77,6 +89,8 @@ def main(argv):
         ),
     )
     report = reports[0]
+    if joined and not distributed.is_primary():
+        return  # process 0 prints the table and wrote the files
     print(f"weights: {report['weights']}")
     print(f"tie policy: {report['tie_policy']}")
     if report["num_skipped"]:
@@ -101,6 +115,14 @@ def main(argv):
         )
         for path in _flat_paths(files):
             print(f"wrote {path}")
+
+
+def _join_processes() -> None:
+    from jaxmol import distributed
+    from jaxmol.config import default_config
+
+    distributed.initialize(default_config())  # reads $JAXMOL_* or detects the cluster
+    distributed.quiet_unless_primary()
 
 
 def _flat_paths(files) -> list[str]:

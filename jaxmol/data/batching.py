@@ -22,6 +22,10 @@ Batch layout (numpy, host side)::
 
 The order of an epoch is a pure function of (seed, epoch), and the position in the stream is an
 (epoch, step) pair, so a run can stop anywhere and continue with the same batches.
+
+With several processes (``local_chunks``), every process computes the same global order and the
+same shapes (text bucket and graph level of the *global* batch), but pads and packs only the
+chunks of its own devices: the arrays above then have D_local = len(local_chunks) leading rows.
 """
 
 from __future__ import annotations
@@ -148,6 +152,7 @@ class PairBatcher:
       text_buckets: ascending padded text lengths; the last must be >= the tokenizer max length.
       graph_budgets: per-chunk graph budgets; default derived from the split.
       single_graph_budget: derive one budget level that fits every chunk (fewer compiles).
+      local_chunks: the device chunks this process builds (a range of 0..D-1; default all).
     """
 
     def __init__(
@@ -162,6 +167,7 @@ class PairBatcher:
         text_buckets: Sequence[int] = DEFAULT_TEXT_BUCKETS,
         graph_budgets: GraphBudgets | None = None,
         single_graph_budget: bool = False,
+        local_chunks: slice | None = None,
     ):
         if batch_size < 1 or num_devices < 1 or batch_size % num_devices:
             raise ValueError(
@@ -180,6 +186,7 @@ class PairBatcher:
         self.batch_size = batch_size
         self.num_devices = num_devices
         self.pairs_per_chunk = batch_size // num_devices
+        self.local_chunks = local_chunks or slice(0, num_devices)
         self.seed = seed
         self.shuffle = shuffle
         self.group_by_length = group_by_length
@@ -250,12 +257,15 @@ class PairBatcher:
         tokens = self.split.tokens
         lengths = tokens.lengths[np.asarray(rows, np.int64)]
         L = text_bucket(int(lengths.max()) if len(rows) else 1, self.text_buckets)
-        text_ids, text_mask = pad_texts(tokens, padded_rows, L)  # [B, L] each
-        chunk_rows = padded_rows.reshape(D, b)
+        all_chunks = padded_rows.reshape(D, b)
+        level = graph_level(self.split.graphs, all_chunks, self.graph_budgets)
+        chunk_rows = all_chunks[self.local_chunks]  # [D_local, b] this process's chunks
+        local = chunk_rows.shape[0]
+        text_ids, text_mask = pad_texts(tokens, chunk_rows.ravel(), L)  # [D_local * b, L] each
         return {
-            "text_ids": text_ids.reshape(D, b, L),
-            "text_mask": text_mask.reshape(D, b, L),
-            "graphs": pack_graphs(self.split.graphs, chunk_rows, self.graph_budgets),
+            "text_ids": text_ids.reshape(local, b, L),
+            "text_mask": text_mask.reshape(local, b, L),
+            "graphs": pack_graphs(self.split.graphs, chunk_rows, self.graph_budgets, level=level),
             "pair_mask": chunk_rows >= 0,
             "rows": chunk_rows.astype(np.int32),
         }
@@ -287,8 +297,21 @@ def pad_texts(tokens: TokenizedTexts, rows: np.ndarray, length: int) -> tuple[np
     return text_ids, text_mask
 
 
+def graph_level(graphs: FeaturizedSplit, chunk_rows: np.ndarray, budgets: GraphBudgets) -> int:
+    """The smallest budget level that fits every chunk of `chunk_rows` (int [D, b], -1 = empty
+    slot): the level of a whole global batch, which every process must agree on."""
+    chunk_rows = np.asarray(chunk_rows, np.int64)
+    real = chunk_rows >= 0
+    n_node = np.where(real, graphs.n_node[np.maximum(chunk_rows, 0)], 0).sum(1)  # [D]
+    n_edge = np.where(real, graphs.n_edge[np.maximum(chunk_rows, 0)], 0).sum(1)  # [D]
+    return max(budgets.level_for(int(n), int(e)) for n, e in zip(n_node, n_edge, strict=True))
+
+
 def pack_graphs(
-    graphs: FeaturizedSplit, chunk_rows: np.ndarray, budgets: GraphBudgets
+    graphs: FeaturizedSplit,
+    chunk_rows: np.ndarray,
+    budgets: GraphBudgets,
+    level: int | None = None,
 ) -> jraph.GraphsTuple:
     """Packs molecules into D self-contained, padded jraph graph batches of one static shape.
 
@@ -300,6 +323,8 @@ def pack_graphs(
       graphs: the featurised molecules.
       chunk_rows: int [D, b], the molecule of each slot; -1 = an empty slot.
       budgets: the static node/edge budget levels.
+      level: the budget level to use (default: the smallest that fits these chunks). With
+        several processes, the level of the whole global batch (`graph_level`).
 
     Returns:
       A `jraph.GraphsTuple` with a leading device axis: nodes int32 [D, N, F], edges int32
@@ -310,9 +335,8 @@ def pack_graphs(
     real = chunk_rows >= 0  # [D, b]
     n_node = np.where(real, graphs.n_node[np.maximum(chunk_rows, 0)], 0)  # [D, b]
     n_edge = np.where(real, graphs.n_edge[np.maximum(chunk_rows, 0)], 0)  # [D, b]
-    level = max(
-        budgets.level_for(int(n), int(e)) for n, e in zip(n_node.sum(1), n_edge.sum(1), strict=True)
-    )
+    if level is None:
+        level = graph_level(graphs, chunk_rows, budgets)
     N, E = budgets.nodes[level], budgets.edges[level]
     nodes = np.zeros((D, N, graphs.atom_features.shape[1]), np.int32)
     edges = np.zeros((D, E, graphs.bond_features.shape[1]), np.int32)

@@ -6,6 +6,9 @@ separately (the model's text-only and molecule-only paths), so a molecule-only s
 train molecules), a list of sentences or a user's library can be embedded as well. Host batches
 are built one ahead in a thread, and one device batch stays in flight while the previous one is
 copied back.
+
+With several processes the runner's mesh spans all their devices: every process walks the same
+batches, builds only its own devices' chunks, and gets every row's embedding back (`fetch`).
 """
 
 from __future__ import annotations
@@ -96,6 +99,7 @@ class Embedder:
         replicated = self.replicate(variables).tree
         B = self.global_batch_size(batch_size)
         D = self.runner.num_devices
+        local = self.runner.local_chunks  # this process's device chunks
         buckets = batching.buckets_up_to(tokens.max_length)
         order = np.argsort(tokens.lengths[rows], kind="stable")  # [n] positions, short first
 
@@ -105,8 +109,10 @@ class Embedder:
                 slots = np.full(B, -1, np.int64)  # [B] text row per slot, -1 = padding
                 slots[: len(positions)] = rows[positions]
                 L = batching.text_bucket(int(tokens.lengths[rows[positions]].max()), buckets)
-                text_ids, text_mask = batching.pad_texts(tokens, slots, L)  # [B, L] each
-                yield positions, (text_ids.reshape(D, B // D, L), text_mask.reshape(D, B // D, L))
+                mine = slots.reshape(D, B // D)[local]  # [D_local, b]
+                text_ids, text_mask = batching.pad_texts(tokens, mine.ravel(), L)
+                shape = (*mine.shape, L)  # [D_local, b, L]
+                yield positions, (text_ids.reshape(shape), text_mask.reshape(shape))
 
         for positions, z in self._stream(
             host_batches(), lambda x: self._text_fn(replicated, *self.runner.shard(x))
@@ -139,6 +145,7 @@ class Embedder:
         replicated = self.replicate(variables).tree
         B = self.global_batch_size(batch_size)
         D = self.runner.num_devices
+        local = self.runner.local_chunks  # this process's device chunks
         budgets = batching.graph_budgets_for(graphs.n_node[rows], graphs.n_edge[rows], B // D)
 
         def host_batches() -> Iterator[tuple[np.ndarray, Any]]:
@@ -146,7 +153,9 @@ class Embedder:
                 slots = np.full(B, -1, np.int64)  # [B] molecule row per slot, -1 = padding
                 slots[: min(B, len(rows) - start)] = rows[start : start + B]
                 positions = np.where(slots >= 0, np.arange(start, start + B), -1)  # [B]
-                yield positions, batching.pack_graphs(graphs, slots.reshape(D, B // D), budgets)
+                chunks = slots.reshape(D, B // D)
+                level = batching.graph_level(graphs, chunks, budgets)  # of the global batch
+                yield positions, batching.pack_graphs(graphs, chunks[local], budgets, level=level)
 
         for positions, z in self._stream(
             host_batches(), lambda g: self._molecule_fn(replicated, self.runner.shard(g))
@@ -182,4 +191,4 @@ class Embedder:
             yield self._fetch(*in_flight.popleft())
 
     def _fetch(self, positions, z) -> tuple[np.ndarray, np.ndarray]:
-        return positions, np.asarray(z).reshape(-1, self.embed_dim)
+        return positions, self.runner.fetch(z).reshape(-1, self.embed_dim)

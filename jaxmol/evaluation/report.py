@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import jax
 import numpy as np
 
 from jaxmol.checkpointing import write_json
@@ -26,8 +27,10 @@ def write_result(
     """
     stem = result_stem(split_name, protocol)
     out_dir = Path(workdir) / "eval"
-    out_dir.mkdir(parents=True, exist_ok=True)
     files = {"json": f"eval/{stem}.json", "npz": f"eval/{stem}.npz"}
+    if jax.process_index() != 0:  # several processes: process 0 writes the one copy
+        return files
+    out_dir.mkdir(parents=True, exist_ok=True)
     np.savez(out_dir / f"{stem}.npz", **arrays)
     write_json(out_dir / f"{stem}.json", {**report, "files": files})
     return files
