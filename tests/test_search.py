@@ -488,11 +488,6 @@ def test_search_errors_carry_the_documented_exit_statuses():
     assert cli.exit_status(BuildError("x")) == cli.EXIT_CONFIG
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="jaxmol.cli.exit_status imports jaxmol.train_lib (optax) for every error, and the "
-    "[search] extra has no optax: an expected search failure becomes a traceback (status 1)",
-)
 def test_search_failures_exit_cleanly_without_optax(tmp_path):
     # The [search] extra installs no optax (pyproject.toml); None in sys.modules blocks it.
     program = (

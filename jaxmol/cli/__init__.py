@@ -234,16 +234,19 @@ def exit_status(error: BaseException) -> int | None:
     from jaxmol.data.featurize import InvalidSmilesError
     from jaxmol.distributed import DistributedError
     from jaxmol.evaluation import ProtocolError
-    from jaxmol.train_lib import NonFiniteLossError, TrainingInterrupted
     from jaxmol.workdir import WorkdirLockedError
 
-    if isinstance(error, TrainingInterrupted):
+    # Training's errors only exist once train_lib is imported; importing it here would need
+    # optax, which a search-only install (the [search] extra) does not have.
+    train_lib = sys.modules.get("jaxmol.train_lib")
+    training_errors = (train_lib.NonFiniteLossError,) if train_lib else ()
+    if train_lib and isinstance(error, train_lib.TrainingInterrupted):
         return 0 if error.signum == signal.SIGTERM else EXIT_CTRL_C
     statuses = (
         ((ConfigError, DataDirError, ProtocolError), EXIT_CONFIG),
         ((DataError, InvalidSmilesError), EXIT_DATA),
         ((CheckpointError,), EXIT_CHECKPOINT),
-        ((NonFiniteLossError,), EXIT_NONFINITE),
+        (training_errors, EXIT_NONFINITE),
         ((WorkdirLockedError,), EXIT_LOCKED),
         ((DistributedError,), EXIT_DISTRIBUTED),
     )
