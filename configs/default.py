@@ -80,6 +80,9 @@ def get_config() -> ml_collections.ConfigDict:
     # The official schedule reaches 0 at total - warmup steps and stays there (text2mol quirk).
     config.optim.decay_ends_warmup_early = True
     config.optim.freeze_bert_layers = 0  # freeze embeddings + the bottom k BERT layers
+    # Adam's ε (official: 1e-8). Larger values damp the ±lr steps Adam takes on parameters whose
+    # gradient is only rounding noise (biases right before a BatchNorm).
+    config.optim.adam_eps = 1e-8
 
     config.batch_size = 32
     config.num_epochs = 60

@@ -31,6 +31,7 @@ _POSITIVE = (
     "keep_checkpoints",
     "eval_batch_size",
     "distributed_timeout_s",
+    "optim.adam_eps",
     "heartbeat_timeout_s",
     "data.max_text_length",
     "model.gin_layers",

@@ -530,7 +530,10 @@ _RESUME_FREE_KEYS = {
 def _check_resume_compatible(saved: dict, current: dict) -> None:
     """A workdir resumes only with the same model, loss, optimiser, data and schedule; device
     count, parallel mode and logging cadence may change."""
-    old, new = builders.flat_config(saved), builders.flat_config(current)
+    # Keys added since the checkpoint was written take today's default (the behaviour the run
+    # had before the key existed), so they never block a resume.
+    old = builders.flat_config(_json_ready(builders.run_config_from_saved(saved)))
+    new = builders.flat_config(current)
     differences = [
         f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
         for key in sorted(old.keys() | new.keys())

@@ -120,8 +120,9 @@ def learning_rate_schedule(
 def make_optimizer(
     config: ml_collections.ConfigDict, params: Any, total_steps: int
 ) -> optax.GradientTransformation:
-    """Adam (β 0.9/0.999, ε 1e-8, no weight decay) with per-group learning rates."""
-    adam = functools.partial(optax.adam, b1=0.9, b2=0.999, eps=1e-8)
+    """Adam (β 0.9/0.999, ε ``optim.adam_eps`` = 1e-8, no weight decay) with per-group
+    learning rates."""
+    adam = functools.partial(optax.adam, b1=0.9, b2=0.999, eps=config.optim.adam_eps)
     return optax.multi_transform(
         {
             "bert": adam(learning_rate_schedule(config, config.optim.bert_lr, total_steps)),

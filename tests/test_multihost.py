@@ -34,6 +34,7 @@ SAME_AS_IN_PROCESS = (
     "--config.log_every_steps=1",
     "--config.data.max_eval_pairs=24",
     "--config.data.test_splits=('pcdes/test',)",
+    "--config.optim.adam_eps=0.001",
     f"--config.heartbeat_timeout_s={HEARTBEAT_S}",
 )
 
