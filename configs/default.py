@@ -55,6 +55,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.projector = "memory"  # or "pool" (ablation: masked mean pooling)
     config.model.head_bn_stats = "per_modality"  # or "shared" (official running statistics)
     config.model.grl_scale = 1.0
+    # Compute dtype of the text tower's matmuls: "bfloat16" for accelerators (parameters,
+    # LayerNorm, softmax, the other modules and the losses stay float32); on a CPU without
+    # bfloat16 units it is slower (docs/performance.md).
+    config.model.dtype = "float32"
 
     config.loss = ml_collections.ConfigDict()
     config.loss.first_order = "triplet"  # or "info_nce"

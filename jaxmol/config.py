@@ -16,6 +16,7 @@ _CHOICES = {
     "model.mol_encoder": ("gin", "gcn_mol2vec"),
     "model.projector": ("memory", "pool"),
     "model.head_bn_stats": ("per_modality", "shared"),
+    "model.dtype": ("float32", "bfloat16"),
     "loss.first_order": ("triplet", "info_nce"),
     "loss.kl_similarity": ("distance", "neg_distance"),
     "loss.kl_metric": ("euclidean", "cosine"),
