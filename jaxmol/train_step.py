@@ -210,6 +210,19 @@ def _merge_strict(initialised: Any, pretrained: Any) -> Any:
 # The per-device train step.
 
 
+def with_compute_dtype(model: RetrievalModel, config: ml_collections.ConfigDict) -> RetrievalModel:
+    """`model` computing in the run's ``model.dtype`` ('float32' when the key is absent).
+
+    The compute dtype changes no parameter (shapes and float32 values are the same), so the
+    state initialised with any dtype fits; the step applies it here so that every caller of
+    `compile_train_step` gets it.
+    """
+    dtype = config.model.get("dtype", "float32")
+    if model.config.dtype == dtype:
+        return model
+    return RetrievalModel(dataclasses.replace(model.config, dtype=dtype))
+
+
 def make_train_step(
     config: ml_collections.ConfigDict,
     model: RetrievalModel,
@@ -222,6 +235,7 @@ def make_train_step(
 
     With `return_grads`, metrics also holds the averaged gradient tree under 'grads' (tests).
     """
+    model = with_compute_dtype(model, config)
     loss_cfg = config.loss
     adversary = loss_cfg.adversary
 

@@ -296,3 +296,67 @@ def test_frozen_layers_get_no_gradient_and_change_no_output():
     assert float(jnp.abs(grads["layer_1"]["output"]["kernel"]).max()) > 0
     full = jax.grad(loss)(params, module)
     assert float(jnp.abs(full["layer_0"]["output"]["kernel"]).max()) > 0
+
+
+def test_dropout_rate_scale_and_determinism():
+    x = jnp.ones((64, 1024), jnp.float32)  # [R, C]
+    key = jax.random.key(3)
+    y = np.asarray(bert.dropout(x, 0.1, key))
+    dropped = y == 0
+    # 6554 / 65536 of the 16-bit draws fall below the threshold; 65,536 values: σ ≈ 0.0012.
+    assert abs(dropped.mean() - 0.1) < 0.005
+    np.testing.assert_allclose(y[~dropped], 65536 / (65536 - 6554), rtol=1e-6)
+    assert abs(y.mean() - 1.0) < 0.01  # the expectation is kept
+    np.testing.assert_array_equal(y, bert.dropout(x, 0.1, key))
+    assert not np.array_equal(y, bert.dropout(x, 0.1, jax.random.key(4)))
+    # Both 16-bit halves of a word are used and independent: no column pattern repeats.
+    assert not np.array_equal(dropped[:, :512], dropped[:, 512:])
+    odd = np.asarray(bert.dropout(jnp.ones((64, 1023)), 0.5, key))  # the 32-bit fallback
+    assert abs((odd == 0).mean() - 0.5) < 0.01
+    np.testing.assert_array_equal(bert.dropout(x, 0.0, key), x)
+    assert not np.asarray(bert.dropout(x, 1.0, key)).any()
+
+
+def test_train_attention_path_equals_eval_path_without_dropout():
+    """Train mode computes attention itself (to drop probabilities); eval mode calls
+    `jax.nn.dot_product_attention`. With nothing dropped they agree."""
+    config = bert.BertConfig.from_dict(
+        {**SMALL_CONFIG, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 1e-9}
+    )  # 1e-9 rounds to a threshold of 0: the train path runs and drops nothing
+    module = bert.BertEncoder(config)
+    _, params, ids, mask = _small_model()
+    empty = jnp.zeros_like(mask)
+    ids, mask = jnp.concatenate([ids, ids[:1]]), jnp.concatenate([mask, empty[:1]])
+    eval_out = module.apply({"params": params}, ids, mask)
+    train_out = module.apply(
+        {"params": params}, ids, mask, deterministic=False, rngs={"dropout": jax.random.key(0)}
+    )
+    np.testing.assert_allclose(train_out, eval_out, atol=1e-5)
+    assert np.isfinite(np.asarray(train_out)).all()  # the all-padding row too
+
+
+def test_bfloat16_compute_is_close_to_float32(pretrained, fixture):
+    module, params, apply = pretrained
+    args = (fixture["input_ids"], fixture["attention_mask"], fixture["token_type_ids"])
+    full = np.asarray(apply({"params": params}, *args))  # [B, L, H]
+    half_module = bert.BertEncoder(module.config, dtype=jnp.bfloat16)
+    half = half_module.apply({"params": params}, *args)
+    assert half.dtype == jnp.float32  # float32 out: the projector and losses stay float32
+    half = np.asarray(half)
+    real = fixture["attention_mask"].astype(bool)
+    diff = np.abs(half - full)[real]
+    cosine = (half * full).sum(-1) / np.linalg.norm(half, axis=-1) / np.linalg.norm(full, axis=-1)
+    print(f"bf16 vs fp32: max |diff| {diff.max():.3f}, min cosine {cosine[real].min():.6f}")
+    assert diff.max() < 0.05 and diff.mean() < 0.005  # values ~0.25 on average
+    assert cosine[real].min() > 0.999
+    # Gradients flow in bfloat16 compute and stay float32 for the float32 parameters.
+    grads = jax.grad(
+        lambda p: jnp.sum(
+            half_module.apply(
+                {"params": p}, *args, deterministic=False, rngs={"dropout": jax.random.key(0)}
+            )
+            ** 2
+        )
+    )(params)
+    assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
+    assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))

@@ -317,6 +317,26 @@ def test_config_validation():
     with pytest.raises(ValueError, match="head_bn_stats"):
         ModelConfig(head_bn_stats="none")
     assert ModelConfig(disc_hidden=[8, 4]).disc_hidden == (8, 4)
+    with pytest.raises(ValueError, match="dtype"):
+        ModelConfig(dtype="float16")
+
+
+def test_bfloat16_compute_embeds_close_to_float32(tiny):
+    """bfloat16 text-tower compute with the same float32 parameters: same shapes and dtypes,
+    unit vectors close to float32's; molecules (always float32) are identical."""
+    _, variables, evaluate, _ = tiny
+    ids, mask = text_batch([5, 8, 2, 0], 8)
+    graphs = padded_graphs(SMILES[:4], 64, 128)
+    half_model = RetrievalModel(dataclasses.replace(TINY, dtype="bfloat16"))
+    z_txt, z_mol, _ = evaluate(variables, ids, mask, graphs)
+    h_txt, h_mol, _ = jax.jit(functools.partial(half_model.apply, train=False))(
+        variables, ids, mask, graphs
+    )
+    assert h_txt.dtype == h_mol.dtype == jnp.float32
+    np.testing.assert_array_equal(h_mol, z_mol)
+    np.testing.assert_array_equal(h_txt[3], 0.0)  # the padded row stays zero
+    cosine = np.sum(np.asarray(h_txt[:3]) * np.asarray(z_txt[:3]), axis=-1)  # unit vectors
+    assert cosine.min() > 0.995, cosine
 
 
 def test_default_parameter_count(capsys):

@@ -47,6 +47,7 @@ MINILM_BERT_CONFIG = BertConfig(
 MOL_ENCODERS = ("gin", "gcn_mol2vec")
 PROJECTORS = ("memory", "pool")
 HEAD_BN_STATS = ("per_modality", "shared")
+DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +74,9 @@ class ModelConfig:
       disc_negative_slope: LeakyReLU slope of the discriminator.
       grl_scale: gradient-reversal scale between the pooled features and the discriminator.
       axis_name: device axis for exact cross-device BatchNorm statistics (None: one device).
+      dtype: compute dtype of the text tower's matmuls, 'float32' or 'bfloat16' (for
+        accelerators). Parameters, the BERT residual stream, LayerNorm and softmax, the towers'
+        outputs, the projector, the head, the molecule tower and the losses stay float32.
     """
 
     bert: BertConfig = MINILM_BERT_CONFIG
@@ -96,9 +100,11 @@ class ModelConfig:
     disc_negative_slope: float = 0.2
     grl_scale: float = 1.0
     axis_name: str | None = None
+    dtype: str = "float32"
 
     def __post_init__(self):
         for field, value, allowed in (
+            ("dtype", self.dtype, DTYPES),
             ("mol_encoder", self.mol_encoder, MOL_ENCODERS),
             ("projector", self.projector, PROJECTORS),
             ("head_bn_stats", self.head_bn_stats, HEAD_BN_STATS),
@@ -186,7 +192,9 @@ class RetrievalModel(nn.Module):
 
     def setup(self):
         cfg = self.config
-        self.txt = BertEncoder(cfg.bert, frozen_layers=cfg.bert_frozen_layers)
+        self.txt = BertEncoder(
+            cfg.bert, dtype=jnp.dtype(cfg.dtype), frozen_layers=cfg.bert_frozen_layers
+        )
         if cfg.mol_encoder == "gin":
             self.mol = GIN(
                 num_layers=cfg.gin_layers,
