@@ -179,7 +179,7 @@ class DataParallel:
                 devices=self.devices,
                 donate_argnums=donate_argnums,
             )
-            return self._compiled_together(lambda *args: mapped) if self.multiprocess else mapped
+            return self._started_together(mapped) if self.multiprocess else mapped
 
         def local(*args):
             args = tuple(
@@ -214,6 +214,26 @@ class DataParallel:
             return self._compiled_together(jitted)
         return lambda *args: jitted(*args)(*args)
 
+    def _started_together(self, mapped: Callable) -> Callable:
+        """Several processes, pmap: every process waits at a barrier before the first run of
+        each new input signature, so they compile it together and arrive at its first run
+        (where gloo sets up) about as far apart as their compile times differ. (An
+        ahead-of-time compiled pmap expects global shapes, while each process passes its own
+        [D_local, ...] rows, so the shard_map runner's `_compiled_together` does not apply.)
+        """
+        from jaxmol import distributed
+
+        seen: set = set()
+
+        def run(*args):
+            key = _signature(args)
+            if key not in seen:
+                distributed.barrier("pmap_compile")
+                seen.add(key)
+            return mapped(*args)
+
+        return run
+
     def _compiled_together(self, program_for: Callable) -> Callable:
         """Several processes: compiles each new input signature ahead of time, then waits for
         every process to have compiled it before the first run.
@@ -229,8 +249,7 @@ class DataParallel:
         executables: dict[Any, Callable] = {}
 
         def run(*args):
-            leaves, treedef = jax.tree.flatten(args)
-            key = (treedef, tuple((np.shape(x), np.result_type(x)) for x in leaves))
+            key = _signature(args)
             executable = executables.get(key)
             if executable is None:
                 executable = program_for(*args).lower(*args).compile()
@@ -239,3 +258,9 @@ class DataParallel:
             return executable(*args)
 
         return run
+
+
+def _signature(args: tuple) -> tuple:
+    """What a compiled program is specialised on: the tree structure, shapes and dtypes."""
+    leaves, treedef = jax.tree.flatten(args)
+    return treedef, tuple((np.shape(x), np.result_type(x)) for x in leaves)

@@ -43,15 +43,18 @@ def train_command(workdir, *overrides) -> list[str]:
 
 
 IN_PROCESS_STEPS = 4
+IN_PROCESS_TRAIN_PAIRS = 48  # 3 batches of 16 per epoch: the 4 steps cross an epoch boundary
 
 
 def in_process_config():
     """The tiny config of the shared in-process run: validated at steps 2 and 4 only,
-    checkpointed at every step (all kept), the PCdes test split evaluated at the end."""
+    checkpointed at every step (all kept), the PCdes test split evaluated at the end, an epoch
+    boundary after step 3. Subprocess runs get the same config from `IN_PROCESS_OVERRIDES`."""
     from configs import tiny
 
     config = tiny.get_config()
     config.num_steps = IN_PROCESS_STEPS
+    config.data.max_train_pairs = IN_PROCESS_TRAIN_PAIRS
     config.eval_every_steps = 2  # validated at 2 and 4; checkpoints 1 and 3 are not
     config.checkpoint_every_steps = 1
     config.keep_checkpoints = 10
@@ -63,6 +66,20 @@ def in_process_config():
     # (tests/test_multihost.py) without changing what the run learns.
     config.optim.adam_eps = 1e-3
     return config
+
+
+# `in_process_config()` as command-line overrides of configs/tiny.py (`train_command`).
+IN_PROCESS_OVERRIDES = (
+    f"--config.num_steps={IN_PROCESS_STEPS}",
+    f"--config.data.max_train_pairs={IN_PROCESS_TRAIN_PAIRS}",
+    "--config.eval_every_steps=2",
+    "--config.checkpoint_every_steps=1",
+    "--config.keep_checkpoints=10",
+    "--config.log_every_steps=1",
+    "--config.data.max_eval_pairs=24",
+    "--config.data.test_splits=('pcdes/test',)",
+    "--config.optim.adam_eps=0.001",
+)
 
 
 @pytest.fixture(scope="session")

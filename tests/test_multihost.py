@@ -16,6 +16,7 @@ import jax
 import numpy as np
 import pytest
 
+from jaxmol import train_lib
 from jaxmol.evaluation import restore_for_eval
 from jaxmol.launch import free_port, process_env
 from tests import conftest
@@ -25,18 +26,8 @@ TIMEOUT_S = 600  # any subprocess; a hang fails the test instead of CI
 # Short enough that a test of a dead process stays short; long enough for a busy CI host.
 HEARTBEAT_S = 15
 
-# `conftest.in_process_config()` as command-line overrides of configs/tiny.py.
-SAME_AS_IN_PROCESS = (
-    f"--config.num_steps={conftest.IN_PROCESS_STEPS}",
-    "--config.eval_every_steps=2",
-    "--config.checkpoint_every_steps=1",
-    "--config.keep_checkpoints=10",
-    "--config.log_every_steps=1",
-    "--config.data.max_eval_pairs=24",
-    "--config.data.test_splits=('pcdes/test',)",
-    "--config.optim.adam_eps=0.001",
-    f"--config.heartbeat_timeout_s={HEARTBEAT_S}",
-)
+# `conftest.in_process_config()`, and a heartbeat timeout that keeps a dead-process test short.
+SAME_AS_IN_PROCESS = (*conftest.IN_PROCESS_OVERRIDES, f"--config.heartbeat_timeout_s={HEARTBEAT_S}")
 
 
 def _launch(workdir, *overrides, processes=2, devices_per_process=4, check=True):
@@ -146,30 +137,69 @@ def test_two_processes_train_like_one_process_with_eight_devices(
 
 
 @pytest.mark.slow
-def test_evaluate_on_one_device_reproduces_the_two_process_evaluation(two_process_run):
+def test_evaluate_on_one_device_or_two_processes_reproduces_the_run_evaluation(two_process_run):
     workdir, _ = two_process_run
     written = _test_metrics(workdir)
-    scratch = workdir.parent / f"{workdir.name}_eval"
-    shutil.copytree(workdir, scratch)
+    evaluate = [
+        str(REPO / "evaluate.py"),
+        "--split=pcdes/test",
+        "--step=latest",
+        "--max_pairs=24",
+    ]
+    one_device = workdir.parent / f"{workdir.name}_eval_1x1"
+    shutil.copytree(workdir, one_device)
     subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "evaluate.py"),
-            f"--workdir={scratch}",
-            "--split=pcdes/test",
-            "--step=latest",
-            "--num_devices=1",
-            "--max_pairs=24",
-        ],
+        [sys.executable, *evaluate, f"--workdir={one_device}", "--num_devices=1"],
         env=conftest.subprocess_env(devices=1),
         check=True,
         capture_output=True,
         timeout=TIMEOUT_S,
         cwd=REPO,
     )
-    again = _test_metrics(scratch)
-    for key in written:
-        assert again[key] == pytest.approx(written[key], abs=1e-5), key
+    two_processes = workdir.parent / f"{workdir.name}_eval_2x4"
+    shutil.copytree(workdir, two_processes)
+    (two_processes / "eval" / "pcdes_test__pool.json").unlink()
+    launched = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jaxmol.launch",
+            "--processes=2",
+            "--devices_per_process=4",
+            "--",
+            *evaluate,
+            f"--workdir={two_processes}",
+        ],
+        env=conftest.subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        cwd=REPO,
+    )
+    assert launched.returncode == 0, launched.stdout[-3000:]
+    assert launched.stdout.count("pcdes/test  pool") == 2  # one table, printed by process 0
+    assert "[0] weights: latest checkpoint" in launched.stdout
+    for again in (_test_metrics(one_device), _test_metrics(two_processes)):
+        for key in written:
+            assert again[key] == pytest.approx(written[key], abs=1e-5), key
+
+
+@pytest.mark.slow
+def test_a_two_process_checkpoint_restores_for_training_on_one_device(two_process_run, tmp_path):
+    workdir, _ = two_process_run
+    copy = tmp_path / "copy"
+    shutil.copytree(workdir, copy)
+    config = conftest.in_process_config()
+    config.num_devices = 1
+    run = train_lib.setup(config, copy)
+    try:
+        assert run.runner.num_devices == 1
+        assert int(run.state.step) == conftest.IN_PROCESS_STEPS
+        assert run.position.to_dict() == {"epoch": 1, "step": 1}  # 3 batches per epoch
+        _, expected = _variables(workdir)
+        _assert_trees_close(jax.device_get(run.state.params), expected["params"], atol=0)
+    finally:
+        run.lock.release()
 
 
 def _checkpoint_steps(workdir) -> list[int]:
@@ -179,38 +209,64 @@ def _checkpoint_steps(workdir) -> list[int]:
     return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
 
 
-@pytest.mark.slow
-def test_a_dead_process_ends_the_other_and_the_run_resumes_on_two_or_one_processes(
-    two_process_run, tmp_path
-):
-    uninterrupted, _ = two_process_run
-    workdir = tmp_path / "killed"
-    address = f"127.0.0.1:{free_port()}"
-    processes = [_start_process(i, address, workdir) for i in range(2)]
+def _wait_for_checkpoint_beyond(workdir, step, processes):
+    deadline = time.monotonic() + TIMEOUT_S
+    while not [s for s in _checkpoint_steps(workdir) if s > step]:
+        for process in processes:
+            assert process.poll() is None, process.stdout.read()[-3000:]
+        assert time.monotonic() < deadline, f"no checkpoint beyond step {step} appeared"
+        time.sleep(0.05)
+
+
+def _communicate_all(processes, timeout):
+    outputs = []
     try:
-        deadline = time.monotonic() + TIMEOUT_S
-        while not _checkpoint_steps(workdir):
-            assert all(p.poll() is None for p in processes), processes[0].stdout.read()[-3000:]
-            assert time.monotonic() < deadline, "no checkpoint appeared"
-            time.sleep(0.05)
-        processes[1].send_signal(signal.SIGKILL)
-        killed_at = time.monotonic()
-        output, _ = processes[0].communicate(timeout=HEARTBEAT_S + 120)
-        survivor_took = time.monotonic() - killed_at
+        for process in processes:
+            outputs.append(process.communicate(timeout=timeout)[0])
     finally:
         for process in processes:
             if process.poll() is None:
                 process.kill()
-    # The survivor does not hang: it ends with an error that says a process died.
+    return outputs
+
+
+@pytest.mark.slow
+def test_a_signal_stops_all_processes_and_a_dead_one_ends_the_other_then_the_run_resumes(
+    two_process_run, tmp_path
+):
+    uninterrupted, _ = two_process_run
+    workdir = tmp_path / "run"
+    # SIGTERM to process 1 only: both agree to stop, save one checkpoint and exit (status 0).
+    address = f"127.0.0.1:{free_port()}"
+    processes = [_start_process(i, address, workdir) for i in range(2)]
+    _wait_for_checkpoint_beyond(workdir, 0, processes)
+    processes[1].send_signal(signal.SIGTERM)
+    outputs = _communicate_all(processes, timeout=TIMEOUT_S)
+    assert [p.returncode for p in processes] == [0, 0], outputs
+    saved_by_signal = _checkpoint_steps(workdir)[-1]
+    assert f"interrupted: saved a checkpoint at step {saved_by_signal}" in outputs[0]
+
+    # SIGKILL to process 1 after the next checkpoint: the survivor does not hang, it ends with
+    # an error saying that a process died.
+    address = f"127.0.0.1:{free_port()}"
+    processes = [_start_process(i, address, workdir) for i in range(2)]
+    _wait_for_checkpoint_beyond(workdir, saved_by_signal, processes)
+    processes[1].send_signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    output = _communicate_all(processes[:1], timeout=HEARTBEAT_S + 120)[0]
+    survivor_took = time.monotonic() - killed_at
+    _communicate_all(processes[1:], timeout=60)
     assert processes[0].returncode != 0
     assert "stopped sending heartbeats" in output or "unhealthy" in output, output[-3000:]
     assert survivor_took < HEARTBEAT_S + 60
     saved = _checkpoint_steps(workdir)
-    assert saved and saved[-1] < conftest.IN_PROCESS_STEPS
+    assert saved[-1] > saved_by_signal
     one_process = tmp_path / "resumed_on_one_process"
     shutil.copytree(workdir, one_process)
 
-    _launch(workdir)  # 2 processes again
+    # Resumed on 2 processes, and separately on 1 process with 8 devices: the parameters of
+    # the uninterrupted 2-process run.
+    _launch(workdir)
     result = subprocess.run(
         conftest.train_command(one_process, *SAME_AS_IN_PROCESS),
         env=conftest.subprocess_env(devices=8),
@@ -249,6 +305,17 @@ def test_processes_with_different_configs_fail_naming_the_key(tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_a_batch_that_does_not_divide_the_global_devices_stops_every_process(tmp_path):
+    address = f"127.0.0.1:{free_port()}"
+    processes = [
+        _start_process(i, address, tmp_path / "run", "--config.batch_size=12") for i in range(2)
+    ]
+    outputs = _communicate_all(processes, timeout=TIMEOUT_S)
+    assert [p.returncode for p in processes] == [2, 2], outputs
+    for output in outputs:
+        assert "config.batch_size=12 is not a multiple of the 8 devices" in output
+
+
 def test_an_unreachable_coordinator_fails_within_the_timeout(tmp_path):
     address = f"127.0.0.1:{free_port()}"  # nobody listens there
     process = _start_process(1, address, tmp_path / "run", "--config.distributed_timeout_s=2")
@@ -257,3 +324,39 @@ def test_an_unreachable_coordinator_fails_within_the_timeout(tmp_path):
     assert process.returncode == 7, output
     assert f"cannot reach the coordinator (process 0) at {address} within 2 s" in output
     assert time.monotonic() - started < 120
+
+
+def test_the_launcher_prefixes_output_and_stops_all_processes_when_one_fails(tmp_path):
+    marker = tmp_path / "still_running"
+    program = (
+        "import os, sys, time\n"
+        "i = os.environ['JAXMOL_PROCESS_ID']\n"
+        "print('hello from', i, os.environ['JAXMOL_NUM_PROCESSES'], flush=True)\n"
+        "if i == '1':\n"
+        "    time.sleep(1)\n"
+        "    sys.exit(3)\n"
+        f"time.sleep(600); open({str(marker)!r}, 'w').close()\n"
+    )
+    started = time.monotonic()
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jaxmol.launch",
+            "--processes=2",
+            "--grace_s=5",
+            "--",
+            sys.executable,
+            "-c",
+            program,
+        ],
+        env=conftest.subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    assert result.returncode == 3
+    assert "[0] hello from 0 2" in result.stdout and "[1] hello from 1 2" in result.stdout
+    assert "process 1 exited with status 3; stopping the others" in result.stderr
+    assert time.monotonic() - started < 60 and not marker.exists()

@@ -276,14 +276,6 @@ def test_a_checkpoint_is_written_only_after_its_steps_were_checked_finite(tmp_pa
     assert _checkpoint_steps(tmp_path) == []
 
 
-RESUME_OVERRIDES = (
-    "--config.num_steps=24",  # 4 epochs of 6 batches: the resume crosses epoch boundaries
-    "--config.checkpoint_every_steps=4",
-    "--config.eval_every_steps=1000",
-    "--config.data.test_splits=()",
-)
-
-
 def _final_params(workdir):
     _, variables, _, step = restore_for_eval(workdir, step="latest")
     return step, jax.device_get(variables)
@@ -297,10 +289,11 @@ def _checkpoint_steps(workdir):
 
 
 def _run_until_checkpoint_then_signal(workdir, after_step, sig):
-    """Starts training, waits for a finalised checkpoint beyond `after_step`, sends `sig`."""
+    """Starts training (the config of the session's in-process run), waits for a finalised
+    checkpoint beyond `after_step`, sends `sig`."""
     process = subprocess.Popen(
-        _train_command(workdir, *RESUME_OVERRIDES),
-        env=_env(),
+        conftest.train_command(workdir, *conftest.IN_PROCESS_OVERRIDES),
+        env=conftest.subprocess_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -317,38 +310,35 @@ def _run_until_checkpoint_then_signal(workdir, after_step, sig):
 
 
 @pytest.mark.slow
-def test_interrupted_and_killed_run_resumes_to_the_same_parameters(tmp_path):
-    reference = tmp_path / "reference"
-    subprocess.run(
-        _train_command(reference, *RESUME_OVERRIDES, "--config.parallel=pmap"),
-        env=_env(),
-        check=True,
-        capture_output=True,
-        timeout=600,
-        cwd=REPO,
-    )
+def test_interrupted_and_killed_run_resumes_to_the_same_parameters(trained_run, tmp_path):
+    """Ctrl-C, then SIGKILL, then a resume: the parameters of the uninterrupted in-process run
+    (same config and devices; its 4 steps cross an epoch boundary)."""
+    reference, _ = trained_run
     run = tmp_path / "run"
     # Ctrl-C: the run finishes its step, saves a checkpoint there, and exits.
     code, stderr = _run_until_checkpoint_then_signal(run, 0, signal.SIGINT)
-    assert code != 0 and "interrupted: saved a checkpoint at step" in stderr
+    assert code == 130 and "interrupted: saved a checkpoint at step" in stderr
     interrupted_at = _checkpoint_steps(run)[-1]
-    assert interrupted_at < 24
+    assert interrupted_at < conftest.IN_PROCESS_STEPS
     # SIGKILL after the next checkpoint: nothing gets the chance to save.
     code, _ = _run_until_checkpoint_then_signal(run, interrupted_at, signal.SIGKILL)
     assert code == -signal.SIGKILL
-    assert _checkpoint_steps(run)[-1] < 24
-    subprocess.run(
-        _train_command(run, *RESUME_OVERRIDES),
-        env=_env(),
-        check=True,
+    killed_at = _checkpoint_steps(run)[-1]
+    result = subprocess.run(
+        conftest.train_command(run, *conftest.IN_PROCESS_OVERRIDES),
+        env=conftest.subprocess_env(),
         capture_output=True,
+        text=True,
         timeout=600,
         cwd=REPO,
     )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed from step {killed_at}" in result.stderr
     step_a, params_a = _final_params(reference)
     step_b, params_b = _final_params(run)
-    assert step_a == step_b == 24
+    assert step_a == step_b == conftest.IN_PROCESS_STEPS
     _assert_trees_close(params_b, params_a, atol=1e-6)
     log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert log[-1]["step"] == 24
-    assert json.loads((run / "config.json").read_text())["num_steps"] == 24
+    assert log[-1]["step"] == conftest.IN_PROCESS_STEPS
+    config = json.loads((run / "config.json").read_text())
+    assert config["num_steps"] == conftest.IN_PROCESS_STEPS
