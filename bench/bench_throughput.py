@@ -68,6 +68,7 @@ import importlib
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import threading
@@ -265,7 +266,7 @@ def bench_training(config, runner, train_steps: int, rss: RssSampler | None) -> 
     bert_cfg = model_config.bert
 
     est_time = est_pairs = est_text_flops = est_all_flops = 0.0
-    shapes, compile_s, host_ms = [], 0.0, []
+    shapes, compile_s, host_ms, faults, system_s = [], 0.0, [], [], []
     for shape in sorted(counts):
         candidates = by_shape[shape]
         n_timed = min(plan[shape], len(candidates) - 1) if len(candidates) > 1 else 1
@@ -280,10 +281,12 @@ def bench_training(config, runner, train_steps: int, rss: RssSampler | None) -> 
             host_ms.append(1e3 * (time.perf_counter() - start))
             batch = runner.shard(host_batch)
             jax.block_until_ready(batch)
+            usage = resource.getrusage(resource.RUSAGE_SELF)
             start = time.perf_counter()
             state, metrics = step(state, batch)
             loss = float(metrics["loss"])  # blocks
             elapsed = time.perf_counter() - start
+            after = resource.getrusage(resource.RUSAGE_SELF)
             if not np.isfinite(loss):
                 raise RuntimeError(f"non-finite loss {loss} at shape {shape}")
             if i == 0:
@@ -294,6 +297,10 @@ def bench_training(config, runner, train_steps: int, rss: RssSampler | None) -> 
             atoms = split.graphs.n_node[rows].sum()
             mol_flops = 3 * molecule_forward_flops(atoms, config)
             step_times.append(elapsed)
+            # Page faults and kernel time of the step: buffers that the allocator returns to
+            # the system after a step are faulted in (zeroed by the kernel) again next step.
+            faults.append(after.ru_minflt - usage.ru_minflt)
+            system_s.append(after.ru_stime - usage.ru_stime)
             est_time += weight * elapsed
             est_pairs += weight * len(rows)
             est_text_flops += weight * text_flops
@@ -318,6 +325,8 @@ def bench_training(config, runner, train_steps: int, rss: RssSampler | None) -> 
         "epoch_share_covered": covered,
         "compile_s": compile_s,
         "host_batch_ms_median": statistics.median(host_ms),
+        "minor_faults_per_step": statistics.median(faults),
+        "system_s_per_step": statistics.median(system_s),
         "mean_real_tokens": float(real_tokens.mean()),
         "text_padding": padding["text_padding"],
         "node_padding": padding["node_padding"],
@@ -454,7 +463,9 @@ def main() -> None:
                 f"(step {t['step_s_mean']:.2f} s; {t['text_gflops']:.1f} text GFLOP/s, "
                 f"text util {t['text_util']:.2f}, all util {t['all_util']:.2f}; "
                 f"{100 * t['text_padding']:.0f}% text padding) [{shapes}]; "
-                f"compile {t['compile_s']:.0f} s, host batch {t['host_batch_ms_median']:.0f} ms"
+                f"compile {t['compile_s']:.0f} s, host batch {t['host_batch_ms_median']:.0f} ms, "
+                f"{t['minor_faults_per_step'] / 1e3:.0f}k page faults and "
+                f"{t['system_s_per_step']:.1f} s kernel time per step"
             )
         if "embed" in entry:
             e = entry["embed"]
