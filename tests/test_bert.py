@@ -317,24 +317,6 @@ def test_dropout_rate_scale_and_determinism():
     assert not np.asarray(bert.dropout(x, 1.0, key)).any()
 
 
-def test_train_attention_path_equals_eval_path_without_dropout():
-    """Train mode computes attention itself (to drop probabilities); eval mode calls
-    `jax.nn.dot_product_attention`. With nothing dropped they agree."""
-    config = bert.BertConfig.from_dict(
-        {**SMALL_CONFIG, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 1e-9}
-    )  # 1e-9 rounds to a threshold of 0: the train path runs and drops nothing
-    module = bert.BertEncoder(config)
-    _, params, ids, mask = _small_model()
-    empty = jnp.zeros_like(mask)
-    ids, mask = jnp.concatenate([ids, ids[:1]]), jnp.concatenate([mask, empty[:1]])
-    eval_out = module.apply({"params": params}, ids, mask)
-    train_out = module.apply(
-        {"params": params}, ids, mask, deterministic=False, rngs={"dropout": jax.random.key(0)}
-    )
-    np.testing.assert_allclose(train_out, eval_out, atol=1e-5)
-    assert np.isfinite(np.asarray(train_out)).all()  # the all-padding row too
-
-
 def test_bfloat16_compute_is_close_to_float32(pretrained, fixture):
     module, params, apply = pretrained
     args = (fixture["input_ids"], fixture["attention_mask"], fixture["token_type_ids"])

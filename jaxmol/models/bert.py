@@ -266,26 +266,17 @@ class BertSelfAttention(nn.Module):
             return y.reshape(batch, seq_len, cfg.num_attention_heads, cfg.head_dim)
 
         query, key, value = heads("query"), heads("key"), heads("value")  # [B, L, N, D] each
-        rate = cfg.attention_probs_dropout_prob
-        if deterministic or rate <= 0.0:
-            # No dropout on the probabilities: the library attention (the same XLA ops on CPU,
-            # cuDNN's fused kernel on GPUs where it applies). Its masked logits are a large
-            # finite negative, so a row whose keys are all padding is uniform, not NaN.
-            context = jax.nn.dot_product_attention(
-                query, key, value, mask=key_mask[:, None, None, :]
-            )  # [B, L, N, D]
-        else:
-            # Scaling the queries [B, L, N, D] is cheaper than scaling the scores [B, N, L, L].
-            query = query * jnp.asarray(1.0 / np.sqrt(cfg.head_dim), query.dtype)
-            scores = jnp.einsum(
-                "bqnd,bknd->bnqk", query, key, preferred_element_type=jnp.float32
-            )  # [B, N, Lq, Lk], float32 whatever the compute dtype
-            # Masked keys get the most negative finite value rather than -inf (as Hugging
-            # Face's mask), so a row whose keys are all padding softmaxes to uniform, not NaN.
-            scores = jnp.where(key_mask[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
-            probs = jax.nn.softmax(scores, axis=-1)  # [B, N, Lq, Lk] float32
-            probs = Dropout(rate)(probs, deterministic=False).astype(self.dtype)
-            context = jnp.einsum("bnqk,bknd->bqnd", probs, value)  # [B, L, N, D]
+        # Scaling the queries [B, L, N, D] is cheaper than scaling the scores [B, N, L, L].
+        query = query * jnp.asarray(1.0 / np.sqrt(cfg.head_dim), query.dtype)
+        scores = jnp.einsum(
+            "bqnd,bknd->bnqk", query, key, preferred_element_type=jnp.float32
+        )  # [B, N, Lq, Lk], float32 whatever the compute dtype
+        # Masked keys get the most negative finite value rather than -inf (as Hugging Face's
+        # mask), so a row whose keys are all padding softmaxes to uniform instead of NaN.
+        scores = jnp.where(key_mask[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1)  # [B, N, Lq, Lk] float32
+        probs = Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic=deterministic)
+        context = jnp.einsum("bnqk,bknd->bqnd", probs.astype(self.dtype), value)  # [B, L, N, D]
         context = context.reshape(batch, seq_len, cfg.hidden_size)  # [B, L, H]
         return _dense(cfg.hidden_size, cfg, self.dtype, "output")(context)
 
