@@ -64,6 +64,17 @@ def process_env(
     return env
 
 
+def _end_with_parent() -> None:
+    """In the child, before it runs: on Linux, SIGTERM it when the launcher dies (even by
+    SIGKILL), so no process of the run is left behind."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the launcher's own clean-up is all there is
+
+
 def _forward(stream, prefix: str) -> None:
     for line in iter(stream.readline, b""):
         sys.stdout.buffer.write(prefix.encode() + line)
@@ -93,6 +104,7 @@ def launch(
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # signals reach the children only through the launcher
+            preexec_fn=_end_with_parent,
         )
         threading.Thread(target=_forward, args=(child.stdout, f"[{i}] "), daemon=True).start()
         children.append(child)

@@ -101,20 +101,45 @@ class DataParallel:
                 lambda x: np.broadcast_to(np.asarray(x), (local, *np.shape(x))), tree
             )
             return jax.pmap(lambda x: x, devices=self.devices)(stacked)
+        if self.multiprocess:
+            return self._global_copy(tree)
         return jax.device_put(tree, self._replicated)
 
+    def _global_copy(self, tree: Any) -> Any:
+        """Identical values on every process -> arrays replicated over the global mesh.
+
+        `jax.device_put` onto a multi-process sharding first checks that every process passes
+        the same value, with one collective per leaf (hundreds for a train state); the values
+        here are identical by construction (same seed, same checkpoint).
+        """
+
+        def to_global(x):
+            if isinstance(x, jax.Array) and x.sharding == self._replicated:
+                return x
+            host = np.asarray(x)
+            return jax.make_array_from_callback(
+                host.shape, self._replicated, lambda index: host[index]
+            )
+
+        return jax.tree.map(to_global, tree)
+
     def unreplicate(self, tree: Any) -> Any:
-        """Replicated state -> one copy."""
+        """Replicated state -> one copy (pmap: on the host, as NumPy arrays)."""
         if self.mode == "pmap":
-            return jax.tree.map(lambda x: x[0], tree)
+            # The first device's buffer, copied out: no per-leaf `x[0]`, which would compile
+            # one gather program per leaf shape.
+            return jax.tree.map(
+                lambda x: np.asarray(x.addressable_data(0) if isinstance(x, jax.Array) else x)[0],
+                tree,
+            )
         return tree
 
     def for_checkpoint(self, tree: Any) -> Any:
         """Replicated state -> one copy that orbax can save from every process at once: a
         globally replicated array (process 0 writes it), never one private copy per process."""
         tree = self.unreplicate(tree)
-        if self.mode == "pmap" and self.multiprocess:
-            return jax.device_put(jax.tree.map(np.asarray, tree), self._replicated)
+        if self.mode == "pmap":
+            return self._global_copy(tree) if self.multiprocess else jax.device_put(tree)
         return tree
 
     def abstract_replicated(self, tree: Any) -> Any:

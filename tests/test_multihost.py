@@ -23,11 +23,11 @@ from tests import conftest
 
 REPO = conftest.REPO
 TIMEOUT_S = 600  # any subprocess; a hang fails the test instead of CI
-# Short enough that a test of a dead process stays short; long enough for a busy CI host.
-HEARTBEAT_S = 15
+# The dead-process test's heartbeat timeout: short enough to keep it short, long enough for a
+# busy CI host (the default, 100 s, elsewhere).
+HEARTBEAT_S = 30
 
-# `conftest.in_process_config()`, and a heartbeat timeout that keeps a dead-process test short.
-SAME_AS_IN_PROCESS = (*conftest.IN_PROCESS_OVERRIDES, f"--config.heartbeat_timeout_s={HEARTBEAT_S}")
+SAME_AS_IN_PROCESS = conftest.IN_PROCESS_OVERRIDES  # `conftest.in_process_config()`
 
 
 def _launch(workdir, *overrides, processes=2, devices_per_process=4, check=True):
@@ -236,9 +236,10 @@ def test_a_signal_stops_all_processes_and_a_dead_one_ends_the_other_then_the_run
 ):
     uninterrupted, _ = two_process_run
     workdir = tmp_path / "run"
+    heartbeat = f"--config.heartbeat_timeout_s={HEARTBEAT_S}"
     # SIGTERM to process 1 only: both agree to stop, save one checkpoint and exit (status 0).
     address = f"127.0.0.1:{free_port()}"
-    processes = [_start_process(i, address, workdir) for i in range(2)]
+    processes = [_start_process(i, address, workdir, heartbeat) for i in range(2)]
     _wait_for_checkpoint_beyond(workdir, 0, processes)
     processes[1].send_signal(signal.SIGTERM)
     outputs = _communicate_all(processes, timeout=TIMEOUT_S)
@@ -249,7 +250,7 @@ def test_a_signal_stops_all_processes_and_a_dead_one_ends_the_other_then_the_run
     # SIGKILL to process 1 after the next checkpoint: the survivor does not hang, it ends with
     # an error saying that a process died.
     address = f"127.0.0.1:{free_port()}"
-    processes = [_start_process(i, address, workdir) for i in range(2)]
+    processes = [_start_process(i, address, workdir, heartbeat) for i in range(2)]
     _wait_for_checkpoint_beyond(workdir, saved_by_signal, processes)
     processes[1].send_signal(signal.SIGKILL)
     killed_at = time.monotonic()
