@@ -286,3 +286,35 @@ def test_plot_run_tool(tmp_path, capsys):
     assert not (curves_only / "plots").exists()
     assert plot_run.main([str(tmp_path / "missing")]) == 2
     assert plot_run.main([str(tmp_path / "elsewhere")]) == 2  # nothing to plot there
+
+
+def test_plot_run_png_only_with_a_palette(tmp_path, capsys):
+    from PIL import Image
+
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    _write_metrics_jsonl(workdir / "metrics.jsonl")
+    text, mol = _aligned_embeddings(num_pairs=60)
+    _write_evaluation(workdir / "eval", text, mol)
+    plot_run = _load_plot_run()
+    assert plot_run.main([str(workdir)]) == 0  # full colour, with data, for comparison
+    small = tmp_path / "figures"
+    assert plot_run.main([str(workdir), "--out", str(small), "--png_only", "--palette", "64"]) == 0
+    names = sorted(p.name for p in small.iterdir())
+    assert names == sorted(p.name for p in (workdir / "plots").glob("*.png")) and len(names) == 4
+    for name in names:
+        _assert_png(small / name)
+        with Image.open(small / name) as reduced, Image.open(workdir / "plots" / name) as full:
+            assert reduced.mode == "P" and len(reduced.getcolors(256)) <= 64
+            assert reduced.size == full.size
+            difference = np.abs(
+                np.asarray(reduced.convert("RGB"), np.float64)
+                - np.asarray(full.convert("RGB"), np.float64)
+            )
+            assert difference.mean() < 2.0, name  # of 255: the same picture
+        assert (small / name).stat().st_size < (workdir / "plots" / name).stat().st_size
+    assert plot_run.main([str(workdir), "--out", str(small), "--palette", "1"]) == 2
+    empty_run = tmp_path / "empty_run"
+    empty_run.mkdir()
+    assert plot_run.main([str(empty_run), "--png_only"]) == 2  # nothing to plot
+    assert not (empty_run / "plots").exists()
