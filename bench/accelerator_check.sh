@@ -95,7 +95,7 @@ for dtype, bench in report["bench"].items():
     if not bench:
         print(f"{dtype}: no benchmark result")
         continue
-    print(f"{dtype}: probe {bench['probe_gflops']:.0f} GFLOP/s")
+    print(f"{dtype}: probe at the start {bench['probe_start']['gflops_median']:.0f} GFLOP/s")
     for name, entry in bench["configs"].items():
         t, e = entry.get("train", {}), entry.get("embed", {})
         print(

@@ -8,8 +8,9 @@ this process's own matmul rate.
 In one process:
 
 1. **Matmul probe**: a `jax.jit` float32 matmul 2048 x 2048 x 2048 (2 * 2048^3 = 17.18 GFLOP),
-   median of 10 calls after a warm-up, at the start and again at the end; the mean of the two
-   medians is "the probe" that every rate is divided by. The machine this project is built on
+   median of 5 calls after a warm-up, measured right before and right after each timed part
+   (after its compilation); the mean of those medians is "the probe" that the part's rates are
+   divided by. The machine this project is built on
    is shared (2 cores, other work running), so an absolute rate says little; the ratio to a
    matmul measured in the same process at the same time carries across machines and loads.
 2. **Training** per config: the real train step (`train_step.compile_train_step` over
@@ -124,7 +125,7 @@ def molecule_forward_flops(num_atoms: float, config) -> float:
 # Measurement helpers.
 
 
-def matmul_probe(repeats: int = 10) -> dict:
+def matmul_probe(repeats: int = 5) -> dict:
     """GFLOP/s of a jit-compiled float32 [n, n] @ [n, n] matmul (median and best of `repeats`)."""
     keys = jax.random.split(jax.random.key(0))
     a = jax.random.normal(keys[0], (PROBE_N, PROBE_N), jnp.float32)
@@ -266,6 +267,7 @@ def bench_training(config, runner, train_steps: int, rss: RssSampler | None) -> 
     bert_cfg = model_config.bert
 
     est_time = est_pairs = est_text_flops = est_all_flops = 0.0
+    probes = []
     shapes, compile_s, host_ms, faults, system_s = [], 0.0, [], [], []
     for shape in sorted(counts):
         candidates = by_shape[shape]
@@ -291,6 +293,7 @@ def bench_training(config, runner, train_steps: int, rss: RssSampler | None) -> 
                 raise RuntimeError(f"non-finite loss {loss} at shape {shape}")
             if i == 0:
                 compile_s += elapsed
+                probes.append(matmul_probe()["gflops_median"])
                 continue
             lengths = split.tokens.lengths[rows]
             text_flops = bert_train_flops(lengths, bert_cfg, config.optim.freeze_bert_layers)
@@ -305,6 +308,7 @@ def bench_training(config, runner, train_steps: int, rss: RssSampler | None) -> 
             est_pairs += weight * len(rows)
             est_text_flops += weight * text_flops
             est_all_flops += weight * (text_flops + mol_flops)
+        probes.append(matmul_probe()["gflops_median"])
         shapes.append(
             {
                 "text_length": shape[0],
@@ -318,6 +322,8 @@ def bench_training(config, runner, train_steps: int, rss: RssSampler | None) -> 
     real_tokens = split.tokens.lengths[np.concatenate(full)]
     padding = batching.padding_fractions(batcher)
     result = {
+        "probe_gflops": statistics.mean(probes),
+        "probes": probes,
         "pairs_per_s": est_pairs / est_time,
         "step_s_mean": est_time / sum(counts.values()),
         "text_gflops": est_text_flops / est_time / 1e9,
@@ -360,6 +366,7 @@ def bench_embedding(config, runner, variables, num_texts, num_molecules, rss) ->
         embedder.embed_texts(replicated, tokens, np.array([row]), batch_size=B)
     embedder.embed_molecules(replicated, split.graphs, mol_rows, batch_size=B)
     compile_s = time.perf_counter() - start
+    probes = [matmul_probe()["gflops_median"]]
     if rss:
         rss.phase = f"embed {config.name}"
     start = time.perf_counter()
@@ -368,10 +375,13 @@ def bench_embedding(config, runner, variables, num_texts, num_molecules, rss) ->
     start = time.perf_counter()
     embedder.embed_molecules(replicated, split.graphs, mol_rows, batch_size=B)
     mol_s = time.perf_counter() - start
+    probes.append(matmul_probe()["gflops_median"])
     lengths = tokens.lengths[text_rows]
     atoms = split.graphs.n_node[mol_rows].sum()
     bert_cfg = model.config.bert
     return {
+        "probe_gflops": statistics.mean(probes),
+        "probes": probes,
         "texts": len(text_rows),
         "mean_real_tokens": float(lengths.mean()),
         "texts_per_s": len(text_rows) / text_s,
@@ -441,15 +451,14 @@ def main() -> None:
             rss.__exit__()
     report["probe_end"] = matmul_probe()
     report["load_average_end"] = os.getloadavg()
-    probe = (report["probe_start"]["gflops_median"] + report["probe_end"]["gflops_median"]) / 2
-    report["probe_gflops"] = probe
     print(
-        f"probe at the end {report['probe_end']['gflops_median']:.1f} GFLOP/s; "
-        f"ratios below use the mean, {probe:.1f} GFLOP/s"
+        f"probe at the end {report['probe_end']['gflops_median']:.1f} GFLOP/s; each ratio "
+        "below uses the probes measured around its own timed part (printed as 'probe')"
     )
     for name, entry in report["configs"].items():
         if "train" in entry:
             t = entry["train"]
+            probe = t["probe_gflops"]
             t["text_util"] = t["text_gflops"] / probe
             t["all_util"] = t["all_gflops"] / probe
             t["pairs_per_s_per_100_probe_gflops"] = 100 * t["pairs_per_s"] / probe
@@ -462,13 +471,14 @@ def main() -> None:
                 f"{name:10s} [{entry['dtype']}] train: {t['pairs_per_s']:6.2f} pairs/s "
                 f"(step {t['step_s_mean']:.2f} s; {t['text_gflops']:.1f} text GFLOP/s, "
                 f"text util {t['text_util']:.2f}, all util {t['all_util']:.2f}; "
-                f"{100 * t['text_padding']:.0f}% text padding) [{shapes}]; "
+                f"{100 * t['text_padding']:.0f}% text padding; probe {probe:.0f}) [{shapes}]; "
                 f"compile {t['compile_s']:.0f} s, host batch {t['host_batch_ms_median']:.0f} ms, "
                 f"{t['minor_faults_per_step'] / 1e3:.0f}k page faults and "
                 f"{t['system_s_per_step']:.1f} s kernel time per step"
             )
         if "embed" in entry:
             e = entry["embed"]
+            probe = e["probe_gflops"]
             e["text_util"] = e["text_gflops"] / probe
             e["molecule_util"] = e["molecule_gflops"] / probe
             print(
@@ -476,7 +486,7 @@ def main() -> None:
                 f"({e['texts']} texts, mean {e['mean_real_tokens']:.0f} tokens; "
                 f"{e['text_gflops']:.1f} GFLOP/s, text util {e['text_util']:.2f}), "
                 f"{e['molecules_per_s']:6.0f} molecules/s ({e['molecule_gflops']:.1f} GFLOP/s, "
-                f"util {e['molecule_util']:.2f}); batch {e['batch_size']}"
+                f"util {e['molecule_util']:.2f}); batch {e['batch_size']}, probe {probe:.0f}"
             )
     if rss:
         report["rss"] = rss.summary()
