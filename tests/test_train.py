@@ -250,8 +250,8 @@ def test_restore_for_eval_builds_no_optimiser(trained_run):
 
 
 def test_a_checkpoint_is_written_only_after_its_steps_were_checked_finite(tmp_path, monkeypatch):
-    """A NaN at step 2, with checkpoints every 3 steps and no log step before 6: the run must
-    stop at the checkpoint of step 3 (before writing it), naming step 2."""
+    """A NaN at step 2, with checkpoints every 3 steps and no log step before the last (4): the
+    run must stop at the checkpoint of step 3 (before writing it), naming step 2."""
     compile_step = train_lib.compile_train_step
 
     def with_nan_at_step_2(*args, **kwargs):
@@ -265,8 +265,8 @@ def test_a_checkpoint_is_written_only_after_its_steps_were_checked_finite(tmp_pa
         return run
 
     monkeypatch.setattr(train_lib, "compile_train_step", with_nan_at_step_2)
-    config = tiny.get_config()
-    config.num_steps = 6
+    # The session run's config (its compiled step is in the compilation cache).
+    config = conftest.in_process_config()
     config.checkpoint_every_steps = 3
     config.log_every_steps = 100
     config.data.val_split = ""
