@@ -9,8 +9,8 @@ module does what only exists because there are several processes:
   several processes can talk;
 * `check_same_config`: every process must run the same config (a mismatch would silently train
   different models or deadlock on differently shaped collectives);
-* `any_process`: a stop request (Ctrl-C, SIGTERM) on one process stops all of them at the same
-  step;
+* `max_over_processes`: a stop request (Ctrl-C, SIGTERM) on one process stops all of them at
+  the same step;
 * `is_primary` / `quiet_unless_primary`: only process 0 writes files, prints tables and shows
   progress; the others log warnings and errors only, prefixed with their index.
 
@@ -160,14 +160,18 @@ def quiet_unless_primary() -> None:
             handler.setFormatter(logging.Formatter(prefix + fmt))
 
 
-def any_process(flag: bool) -> bool:
-    """True if `flag` is True on any process (a collective: every process must call it)."""
+def max_over_processes(value: int) -> int:
+    """The largest `value` any process passes (a collective: every process must call it).
+
+    The training loop passes the stop signal it received (0: none), so every process stops at
+    the same step and reports the same signal.
+    """
     if jax.process_count() == 1:
-        return bool(flag)
+        return int(value)
     from jax.experimental import multihost_utils
 
-    flags = multihost_utils.process_allgather(np.asarray([flag], np.int32))
-    return bool(np.asarray(flags).any())
+    values = multihost_utils.process_allgather(np.asarray([value], np.int32))
+    return int(np.asarray(values).max())
 
 
 _barrier_count = 0

@@ -326,9 +326,9 @@ def train(run: TrainRun) -> tuple[TrainState, int]:
             if not runner.multiprocess:
                 stop = bool(interrupted)
             elif synced:
-                stop = distributed.any_process(bool(interrupted))
+                agreed = distributed.max_over_processes(interrupted)
+                stop, interrupted = bool(agreed), agreed  # the same signal on every process
         if stop:
-            interrupted = interrupted or signal.SIGTERM  # another process was signalled
             if pending:
                 _check_finite(pending, runner)
             if run.checkpointer.latest_step() != step:  # not saved by the loop already

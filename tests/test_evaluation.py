@@ -201,3 +201,14 @@ def test_evaluate_cli_on_one_device_matches_eight_devices(trained_workdir, tmp_p
         for metric in ("hits@1", "hits@10", "mrr", "mean_rank"):
             recomputed = summary["recomputed"][direction][metric]
             assert recomputed == pytest.approx(one[direction][metric], abs=1e-6), metric
+
+
+def test_a_bad_step_flag_is_a_usage_error_with_status_2():
+    from jaxmol import cli
+    from jaxmol.cli import evaluate as evaluate_cli
+    from jaxmol.config import ConfigError
+
+    assert evaluate_cli._parse_step("latest") == "latest" and evaluate_cli._parse_step("7") == 7
+    with pytest.raises(ConfigError, match="--step must be") as error:
+        evaluate_cli._parse_step("foo")
+    assert cli.exit_status(error.value) == cli.EXIT_CONFIG

@@ -54,11 +54,13 @@ flags.mark_flags_as_required(["workdir", "split"])
 def _parse_step(value: str) -> int | str:
     if value in ("best", "latest"):
         return value
+    from jaxmol.config import ConfigError  # exit status 2, like every usage error
+
     try:
         return int(value)
     except ValueError as error:
         message = f"--step must be 'best', 'latest' or an integer, got {value!r}"
-        raise app.UsageError(message) from error
+        raise ConfigError(message) from error
 
 
 def main(argv):
