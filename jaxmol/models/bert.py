@@ -174,7 +174,8 @@ def _layer_norm(config: BertConfig, name: str) -> nn.LayerNorm:
 # keep probability is quantised to multiples of 2**-16 (rate 0.1 drops with probability
 # 6554 / 65536 = 0.100006). On the project's CPU the attention-probability dropout of a
 # [32, 12, 256, 256] batch took 1.85 s with `bernoulli` and 1.00 s with these draws (a loaded
-# machine; `bench/bench_throughput.py` has the step-level figures).
+# machine); with the query scaling below, a paper-config train step took 0.85 x the time
+# (`bench/bench_ab.py`, figures in docs/performance.md).
 _DROPOUT_BITS = 16
 
 
