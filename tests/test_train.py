@@ -1,10 +1,9 @@
-"""Training: 8-device shard_map / pmap equivalence, kill-and-resume, config errors, NaN stop."""
+"""Training: 8-device shard_map / pmap equivalence, config errors, NaN stop. (Signals, kills and
+resumes: tests/test_faults.py in process and tests/test_multihost.py with real processes.)"""
 
 import json
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -20,7 +19,6 @@ from jaxmol.data.batching import PairBatcher
 from jaxmol.data.datasets import load_split
 from jaxmol.data.encoding import SplitEncoder
 from jaxmol.data.tokenize import load_tokenizer
-from jaxmol.evaluation import restore_for_eval
 from jaxmol.models.retrieval import RetrievalModel
 from jaxmol.parallel import DataParallel, select_devices
 from tests import conftest
@@ -276,69 +274,8 @@ def test_a_checkpoint_is_written_only_after_its_steps_were_checked_finite(tmp_pa
     assert _checkpoint_steps(tmp_path) == []
 
 
-def _final_params(workdir):
-    _, variables, _, step = restore_for_eval(workdir, step="latest")
-    return step, jax.device_get(variables)
-
-
 def _checkpoint_steps(workdir):
     directory = workdir / "checkpoints"
     if not directory.is_dir():
         return []
     return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())  # finalised
-
-
-def _run_until_checkpoint_then_signal(workdir, after_step, sig):
-    """Starts training (the config of the session's in-process run), waits for a finalised
-    checkpoint beyond `after_step`, sends `sig`."""
-    process = subprocess.Popen(
-        conftest.train_command(workdir, *conftest.IN_PROCESS_OVERRIDES),
-        env=conftest.subprocess_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=REPO,
-    )
-    deadline = time.time() + 600
-    while not [s for s in _checkpoint_steps(workdir) if s > after_step]:
-        assert process.poll() is None, "training exited before the checkpoint"
-        assert time.time() < deadline
-        time.sleep(0.05)
-    process.send_signal(sig)
-    _, stderr = process.communicate(timeout=300)
-    return process.returncode, stderr
-
-
-@pytest.mark.slow
-def test_interrupted_and_killed_run_resumes_to_the_same_parameters(trained_run, tmp_path):
-    """Ctrl-C, then SIGKILL, then a resume: the parameters of the uninterrupted in-process run
-    (same config and devices; its 4 steps cross an epoch boundary)."""
-    reference, _ = trained_run
-    run = tmp_path / "run"
-    # Ctrl-C: the run finishes its step, saves a checkpoint there, and exits.
-    code, stderr = _run_until_checkpoint_then_signal(run, 0, signal.SIGINT)
-    assert code == 130 and "interrupted: saved a checkpoint at step" in stderr
-    interrupted_at = _checkpoint_steps(run)[-1]
-    assert interrupted_at < conftest.IN_PROCESS_STEPS
-    # SIGKILL after the next checkpoint: nothing gets the chance to save.
-    code, _ = _run_until_checkpoint_then_signal(run, interrupted_at, signal.SIGKILL)
-    assert code == -signal.SIGKILL
-    killed_at = _checkpoint_steps(run)[-1]
-    result = subprocess.run(
-        conftest.train_command(run, *conftest.IN_PROCESS_OVERRIDES),
-        env=conftest.subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=REPO,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"resumed from step {killed_at}" in result.stderr
-    step_a, params_a = _final_params(reference)
-    step_b, params_b = _final_params(run)
-    assert step_a == step_b == conftest.IN_PROCESS_STEPS
-    _assert_trees_close(params_b, params_a, atol=1e-6)
-    log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert log[-1]["step"] == conftest.IN_PROCESS_STEPS
-    config = json.loads((run / "config.json").read_text())
-    assert config["num_steps"] == conftest.IN_PROCESS_STEPS
