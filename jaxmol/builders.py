@@ -74,6 +74,8 @@ def model_config_for(
         projector=m.projector,
         head_bn_stats=m.head_bn_stats,
         grl_scale=m.grl_scale,
+        # Training, evaluation and search compute in the run's dtype alike.
+        dtype=m.get("dtype", "float32"),
         axis_name=axis_name,
     )
 

@@ -524,6 +524,7 @@ _RESUME_FREE_KEYS = {
     "process_id",
     "distributed_timeout_s",
     "heartbeat_timeout_s",
+    "model.dtype",  # compute dtype only: the parameters are float32 either way
 }
 
 

@@ -62,3 +62,13 @@ def test_split_encoder_follows_the_run_config():
     assert builders.featurizer_for(config) == "mol2vec"
     with pytest.raises(ValueError, match="on_invalid"):
         type(encoder)(encoder.tokenizer, on_invalid="drop")
+
+
+def test_the_model_computes_in_the_run_dtype_for_training_and_evaluation():
+    from jaxmol.config import default_config
+
+    config = default_config()
+    assert builders.model_config_for(config).dtype == "float32"
+    config.model.dtype = "bfloat16"
+    assert builders.model_config_for(config).dtype == "bfloat16"
+    assert builders.model_config_for(config, axis_name=None).dtype == "bfloat16"  # evaluation
