@@ -32,7 +32,7 @@ import jax
 import numpy as np
 
 from jaxmol import builders, train_step
-from jaxmol.data import batching, datasets
+from jaxmol.data import datasets
 from jaxmol.evaluation import Embedder
 from jaxmol.models import retrieval
 from jaxmol.models.retrieval import RetrievalModel
@@ -97,18 +97,8 @@ def main() -> None:
         probes.append(bt.matmul_probe(repeats=3)["gflops_median"])
 
     if args.skip != "train":
-        split = builders.split_encoder(config)(
-            datasets.load_split_head(config.data.train_split, config.data.max_train_pairs)
-        )
-        batcher = batching.PairBatcher(
-            split,
-            batch_size=config.batch_size,
-            num_devices=runner.num_devices,
-            seed=config.seed,
-            group_by_length=config.data.group_by_length,
-            text_buckets=config.data.text_buckets,
-            single_graph_budget=config.data.single_graph_budget,
-        )
+        batcher = builders.train_batcher(config, builders.split_encoder(config), runner.num_devices)
+        split = batcher.split
         by_shape = collections.defaultdict(list)
         for rows in batcher.epoch_batches(0):
             if len(rows) == config.batch_size:

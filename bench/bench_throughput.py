@@ -238,17 +238,8 @@ def _allocate(counts: dict, total_steps: int) -> dict:
 
 def bench_training(config, runner, train_steps: int, rss: RssSampler | None) -> tuple[dict, dict]:
     """Stratified timing of the train step over a PCdes epoch. Returns (results, eval vars)."""
-    encoder = builders.split_encoder(config)
-    split = encoder(datasets.load_split_head(config.data.train_split, config.data.max_train_pairs))
-    batcher = batching.PairBatcher(
-        split,
-        batch_size=config.batch_size,
-        num_devices=runner.num_devices,
-        seed=config.seed,
-        group_by_length=config.data.group_by_length,
-        text_buckets=config.data.text_buckets,
-        single_graph_budget=config.data.single_graph_budget,
-    )
+    batcher = builders.train_batcher(config, builders.split_encoder(config), runner.num_devices)
+    split = batcher.split
     epoch = batcher.epoch_batches(0)
     full = [rows for rows in epoch if len(rows) == config.batch_size]  # the partial one is rare
     by_shape: dict[tuple[int, int], list[np.ndarray]] = collections.defaultdict(list)

@@ -19,6 +19,7 @@ import jraph
 import ml_collections
 
 from jaxmol.config import default_config
+from jaxmol.data import batching, datasets
 from jaxmol.data.encoding import SplitEncoder
 from jaxmol.data.featurize import MolGraph
 from jaxmol.data.tokenize import Tokenizer, default_model_dir, load_tokenizer
@@ -97,6 +98,28 @@ def split_encoder(config: ml_collections.ConfigDict) -> SplitEncoder:
         featurizer=featurizer_for(config),
         on_invalid=config.data.on_invalid,
         cache_dir=config.data.cache_dir or None,
+    )
+
+
+def train_batcher(
+    config: ml_collections.ConfigDict,
+    encoder: SplitEncoder,
+    num_devices: int,
+    local_chunks: slice | None = None,
+) -> batching.PairBatcher:
+    """The run's training batches: ``data.train_split`` (first ``data.max_train_pairs``)
+    encoded by `encoder`, batched as the config says over `num_devices` devices, of which
+    this process builds `local_chunks` (default all)."""
+    split = encoder(datasets.load_split_head(config.data.train_split, config.data.max_train_pairs))
+    return batching.PairBatcher(
+        split,
+        batch_size=config.batch_size,
+        num_devices=num_devices,
+        seed=config.seed,
+        group_by_length=config.data.group_by_length,
+        text_buckets=config.data.text_buckets,
+        single_graph_budget=config.data.single_graph_budget,
+        local_chunks=local_chunks,
     )
 
 

@@ -136,19 +136,7 @@ def _setup_locked(
             f"{runner.num_devices} devices (set config.num_devices or the batch size)"
         )
     encoder = builders.split_encoder(config)
-    train_split = encoder(
-        datasets.load_split_head(config.data.train_split, config.data.max_train_pairs)
-    )
-    batcher = batching.PairBatcher(
-        train_split,
-        batch_size=config.batch_size,
-        num_devices=runner.num_devices,
-        seed=config.seed,
-        group_by_length=config.data.group_by_length,
-        text_buckets=config.data.text_buckets,
-        single_graph_budget=config.data.single_graph_budget,
-        local_chunks=runner.local_chunks,
-    )
+    batcher = builders.train_batcher(config, encoder, runner.num_devices, runner.local_chunks)
     total_steps = (
         config.num_steps if config.num_steps > 0 else config.num_epochs * batcher.num_batches
     )
