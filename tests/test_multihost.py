@@ -297,14 +297,7 @@ def test_processes_with_different_configs_fail_naming_the_key(tmp_path):
         _start_process(0, address, tmp_path / "run"),
         _start_process(1, address, tmp_path / "run", "--config.optim.lr=0.5"),
     ]
-    outputs = []
-    try:
-        for process in processes:
-            outputs.append(process.communicate(timeout=TIMEOUT_S)[0])
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
+    outputs = _communicate_all(processes, timeout=TIMEOUT_S)
     assert [p.returncode for p in processes] == [7, 7], outputs
     assert "the run config differs between processes" in outputs[0]
     assert "optim.lr: 0.001 (process 0) vs 0.5" in outputs[1]
