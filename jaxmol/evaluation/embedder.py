@@ -120,6 +120,67 @@ class Embedder:
             out[positions] = z[: len(positions)]  # padded rows come last
         return out
 
+    def _molecule_batches(self, rows: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
+        """The slots of each global batch of `rows`, in order: int64 [D, b] molecule rows per
+        device chunk, -1 = an empty slot (the tail of the last batch)."""
+        B = self.global_batch_size(batch_size)
+        D = self.runner.num_devices
+        for start in range(0, len(rows), B):
+            slots = np.full(B, -1, np.int64)  # [B] molecule row per slot, -1 = padding
+            slots[: min(B, len(rows) - start)] = rows[start : start + B]
+            yield slots.reshape(D, B // D)
+
+    def molecule_budgets(
+        self,
+        graphs: FeaturizedSplit,
+        rows: np.ndarray | None = None,
+        *,
+        batch_size: int,
+        start: batching.GraphBudgets | None = None,
+    ) -> batching.GraphBudgets:
+        """The graph budget levels `embed_molecules` packs `rows` into.
+
+        Without `start`, the levels are derived from `rows` (`batching.graph_budgets_for`).
+        With `start` (the levels of earlier calls), they are `start`, with the top level
+        doubled as often as a device chunk of these rows needs: levels only ever grow at the
+        top, so a chunk that fits an existing level is packed exactly as before, and a long
+        stream of calls (a library embedded piece by piece) compiles a handful of shapes.
+
+        Args:
+          graphs: the featurised molecules.
+          rows: int [n] valid molecules of `graphs` (default every valid one).
+          batch_size: as `embed_molecules`.
+          start: the levels to start from, or None.
+
+        Returns:
+          Levels that fit every device chunk of every batch of `rows` (the same on every
+          process: they depend on all chunks of each global batch).
+        """
+        rows = np.flatnonzero(graphs.valid) if rows is None else np.asarray(rows, np.int64)
+        B = self.global_batch_size(batch_size)
+        b = B // self.runner.num_devices
+        if start is None:
+            if len(rows) == 0:
+                raise ValueError("molecule_budgets needs molecules or levels to start from")
+            start = batching.graph_budgets_for(graphs.n_node[rows], graphs.n_edge[rows], b)
+        if len(rows) == 0:
+            return start
+        # Every device chunk of every batch: consecutive b rows, the last ones padded.
+        slots = np.full(-(-len(rows) // B) * B, -1, np.int64)
+        slots[: len(rows)] = rows
+        chunks = slots.reshape(-1, b)  # [num_batches * D, b]
+        real = chunks >= 0
+        safe = np.maximum(chunks, 0)
+        need_nodes = int(np.where(real, graphs.n_node[safe], 0).sum(1).max())
+        need_edges = int(np.where(real, graphs.n_edge[safe], 0).sum(1).max())
+        nodes, edges = list(start.nodes), list(start.edges)
+        while need_nodes + 1 > nodes[-1] or need_edges > edges[-1]:  # + 1: a padding node
+            nodes.append(nodes[-1] * 2)
+            edges.append(edges[-1] * 2)
+        if len(nodes) == len(start.nodes):
+            return start
+        return batching.GraphBudgets(tuple(nodes), tuple(edges))
+
     def embed_molecules(
         self,
         variables: Any,
@@ -127,14 +188,25 @@ class Embedder:
         rows: np.ndarray | None = None,
         *,
         batch_size: int,
+        budgets: batching.GraphBudgets | None = None,
     ) -> np.ndarray:
         """Embeds molecules `rows` of `graphs` (default every valid one).
 
-        Graphs are packed by `batching.pack_graphs` into static node/edge budget levels derived
-        from `rows`, in per-device chunks; the empty slots of the last batch are dropped.
+        Graphs are packed by `batching.pack_graphs` in per-device chunks into static node/edge
+        budget levels; each batch takes the smallest level that fits all its chunks (of every
+        process). The empty slots of the last batch are dropped.
+
+        Args:
+          variables: one copy of {'params', 'batch_stats'}, or `ReplicatedVariables`.
+          graphs: the featurised molecules.
+          rows: int [n] valid molecules of `graphs` to embed (default every valid one).
+          batch_size: molecules per global batch (rounded up to a multiple of the devices).
+          budgets: the levels to pack into (they must fit every chunk: see
+            `molecule_budgets`, which also grows levels kept across calls); default
+            `molecule_budgets(graphs, rows)`, derived from these rows.
 
         Returns:
-          float32 [len(rows), d]; row i embeds molecule rows[i].
+          float32 [n, d]; row i embeds molecule rows[i].
         """
         rows = np.flatnonzero(graphs.valid) if rows is None else np.asarray(rows, np.int64)
         out = np.zeros((len(rows), self.embed_dim), np.float32)
@@ -144,16 +216,15 @@ class Embedder:
             raise ValueError("embed_molecules got rows of molecules that failed featurisation")
         replicated = self.replicate(variables).tree
         B = self.global_batch_size(batch_size)
-        D = self.runner.num_devices
         local = self.runner.local_chunks  # this process's device chunks
-        budgets = batching.graph_budgets_for(graphs.n_node[rows], graphs.n_edge[rows], B // D)
+        if budgets is None:
+            budgets = self.molecule_budgets(graphs, rows, batch_size=batch_size)
 
         def host_batches() -> Iterator[tuple[np.ndarray, Any]]:
-            for start in range(0, len(rows), B):
-                slots = np.full(B, -1, np.int64)  # [B] molecule row per slot, -1 = padding
-                slots[: min(B, len(rows) - start)] = rows[start : start + B]
-                positions = np.where(slots >= 0, np.arange(start, start + B), -1)  # [B]
-                chunks = slots.reshape(D, B // D)
+            for first, chunks in zip(
+                range(0, len(rows), B), self._molecule_batches(rows, batch_size), strict=True
+            ):
+                positions = np.where(chunks.ravel() >= 0, np.arange(first, first + B), -1)  # [B]
                 level = batching.graph_level(graphs, chunks, budgets)  # of the global batch
                 yield positions, batching.pack_graphs(graphs, chunks[local], budgets, level=level)
 
