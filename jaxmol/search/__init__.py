@@ -12,7 +12,9 @@
 `Retriever` embeds texts and SMILES with a trained checkpoint (`retriever`); `Index` stores a
 library's embeddings in shard files, built streamed and resumable, and searches them exactly
 (`index`, `topk`); `readers` reads SMILES, CSV/TSV and SD files (gzipped too) and registered
-splits; `server` is the web page (`python search.py serve`). See docs/search.md.
+splits; `server` is the web page (`python search.py serve`). Started by `python -m jaxmol.launch`,
+`Retriever.from_workdir` joins the other processes (`join_processes`): every process then builds
+and searches together over all their devices, and process 0 writes. See docs/search.md.
 """
 
 from jaxmol.search.index import (
@@ -35,7 +37,7 @@ from jaxmol.search.readers import (
     split_source,
     text_source,
 )
-from jaxmol.search.retriever import Retriever, params_hash
+from jaxmol.search.retriever import Retriever, join_processes, params_hash
 from jaxmol.search.topk import ExactTopK
 
 __all__ = [
@@ -53,6 +55,7 @@ __all__ = [
     "SearchResult",
     "Source",
     "WrongCheckpointError",
+    "join_processes",
     "molecule_source",
     "params_hash",
     "sequence_source",

@@ -17,6 +17,12 @@ files are on disk). An interrupted build leaves ``"status": "building"``; buildi
 the same directory removes the files of the unfinished shard and goes on from the next input
 record, so a resumed index equals an uninterrupted one. `Index.load` refuses an unfinished or
 damaged index and, given a retriever, one built from other weights.
+
+With several processes (`jaxmol.search.join_processes`; the retriever's devices are those of
+every process) every process reads and featurises the same input, embeds its own devices'
+share of every batch and gets every embedding back; process 0 alone writes the index files,
+and the others wait for it at a barrier where they need its files (the start of a build, its
+end, `save`). The index directory must then be on storage every process sees.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxmol import distributed
 from jaxmol.checkpointing import CheckpointError
 from jaxmol.config import ConfigError
 from jaxmol.data import batching
@@ -413,7 +420,8 @@ class Index:
           overwrite: replace a finished index (or an unfinished one of other settings) there.
           progress: called as progress(records, embedded) after every piece of at most
             `PIECE_SIZE` records.
-          on_shard: called with each finished shard's entry of meta.json.
+          on_shard: called with each finished shard's entry of meta.json (on every process;
+            on processes other than 0 its ``files`` are None: process 0 wrote them).
 
         Raises:
           BuildError: the directory holds a finished index (without `overwrite`), something that
@@ -425,6 +433,11 @@ class Index:
             raise BuildError(f"shard_size must be >= 1, got {shard_size}")
         owner = None
         if path is None:
+            if retriever.runner.multiprocess:
+                raise BuildError(
+                    "a build over several processes needs an index path that every process "
+                    "sees (a temporary directory is private to one process)"
+                )
             owner = tempfile.TemporaryDirectory(prefix="jaxmol-index-")
             path = owner.name
         directory = Path(path).expanduser().absolute()
@@ -440,7 +453,9 @@ class Index:
         }
         meta = _start_or_resume(directory, settings, overwrite)
         _build_shards(retriever, source, directory, meta, progress, on_shard)
-        _finish(directory, meta)
+        if distributed.is_primary():
+            _finish(directory, meta)
+        distributed.barrier("search_index_finished")  # the others read what process 0 wrote
         return cls.load(directory, retriever, _owner=owner)
 
     # -----------------------------------------------------------------------------------------
@@ -493,13 +508,23 @@ class Index:
         return cls(directory, meta, shards, retriever, owner=_owner)
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-        """Copies the index directory to `path` (which must not exist unless `overwrite`)."""
+        """Copies the index directory to `path` (which must not exist unless `overwrite`).
+
+        With several processes every process calls it; process 0 copies, the others wait.
+        """
         target = Path(path).expanduser().absolute()
         if target == self.path:
             return target
+        if target.exists() and not overwrite:
+            raise BuildError(f"{target} exists; pass overwrite=True to replace it")
+        distributed.barrier("search_index_save_checked")  # every process saw the target first
+        if distributed.is_primary():
+            self._copy_to(target)
+        distributed.barrier("search_index_saved")
+        return target
+
+    def _copy_to(self, target: Path) -> None:
         if target.exists():
-            if not overwrite:
-                raise BuildError(f"{target} exists; pass overwrite=True to replace it")
             _remove_index(target)
         (target / SHARDS).mkdir(parents=True)
         for entry in self.meta["shards"]:
@@ -508,7 +533,6 @@ class Index:
                 shutil.copyfile(source, _shard_path(target, entry["name"], part))
         shutil.copyfile(self.path / FAILURES, target / FAILURES)
         _write_json_atomic(target / META, self.meta)  # last: the copy counts once it is there
-        return target
 
     # -----------------------------------------------------------------------------------------
     # Checkpoint.
@@ -718,76 +742,97 @@ def _remove_index(directory: Path) -> None:
 
 
 def _start_or_resume(directory: Path, settings: dict, overwrite: bool) -> dict:
-    """The meta.json to build under: a new one, or the unfinished one to resume."""
-    if directory.exists() and not directory.is_dir():
-        raise BuildError(f"{directory} exists and is not a directory")
-    if directory.is_dir() and any(directory.iterdir()):
-        if not (directory / META).is_file():
-            raise BuildError(
-                f"{directory} is not empty and holds no index: choose a new or empty directory"
-            )
-        try:
-            meta = _read_meta(directory)
-        except IndexFileError:
-            if not overwrite:
-                raise
-            meta = None
-        if meta is not None and not overwrite:
-            if meta.get("status") == "complete":
-                raise BuildError(
-                    f"{directory} already holds a finished index; pass overwrite=True "
-                    "(--overwrite) to rebuild it"
-                )
-            changed = [key for key, value in settings.items() if meta.get(key) != value]
-            if changed:
-                raise BuildError(
-                    f"{directory} holds an unfinished build with other "
-                    f"{', '.join(changed)}; build with the same settings to resume it, or "
-                    "pass overwrite=True (--overwrite) to start again"
-                )
-            if settings["source"].get("type") == "iterable":
-                raise BuildError(
-                    f"{directory} holds an unfinished build from a Python iterator, which "
-                    "cannot be read again: pass overwrite=True to start again"
-                )
-            logger.info(
-                "resuming the build in %s after %d shards (%d input records)",
-                directory,
-                len(meta["shards"]),
-                meta["num_records"],
-            )
-            return meta
-        _remove_index(directory)
-    (directory / SHARDS).mkdir(parents=True, exist_ok=True)
-    meta = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "status": "building",
-        **settings,
-        "count": 0,
-        "num_records": 0,
-        "num_failures": 0,
-        "shards": [],
-        "created": _now(),
-    }
-    _write_json_atomic(directory / META, meta)
+    """The meta.json to build under: a new one, or the unfinished one to resume.
+
+    Every process checks the directory (and raises the same error); then process 0 alone
+    clears it and writes the new meta.json, while the others wait.
+    """
+    meta, clear = _check_start(directory, settings, overwrite)
+    distributed.barrier("search_index_checked")  # nobody reads what process 0 is changing
+    if meta is None:
+        meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "status": "building",
+            **settings,
+            "count": 0,
+            "num_records": 0,
+            "num_failures": 0,
+            "shards": [],
+            "created": _now(),
+        }
+        if distributed.is_primary():
+            if clear:
+                _remove_index(directory)
+            (directory / SHARDS).mkdir(parents=True, exist_ok=True)
+            _write_json_atomic(directory / META, meta)
+    distributed.barrier("search_index_started")
     return meta
 
 
-def _build_shards(retriever, source: Source, directory: Path, meta: dict, progress, on_shard):
-    from jaxmol.search.retriever import LibraryMoleculeEncoder
+def _check_start(directory: Path, settings: dict, overwrite: bool) -> tuple[dict | None, bool]:
+    """Reads the directory only: (the unfinished build's meta.json to resume, or None to
+    start anew; whether an old index must be removed first)."""
+    if directory.exists() and not directory.is_dir():
+        raise BuildError(f"{directory} exists and is not a directory")
+    if not (directory.is_dir() and any(directory.iterdir())):
+        return None, False
+    if not (directory / META).is_file():
+        raise BuildError(
+            f"{directory} is not empty and holds no index: choose a new or empty directory"
+        )
+    try:
+        meta = _read_meta(directory)
+    except IndexFileError:
+        if not overwrite:
+            raise
+        return None, True
+    if overwrite:
+        return None, True
+    if meta.get("status") == "complete":
+        raise BuildError(
+            f"{directory} already holds a finished index; pass overwrite=True "
+            "(--overwrite) to rebuild it"
+        )
+    changed = [key for key, value in settings.items() if meta.get(key) != value]
+    if changed:
+        raise BuildError(
+            f"{directory} holds an unfinished build with other "
+            f"{', '.join(changed)}; build with the same settings to resume it, or "
+            "pass overwrite=True (--overwrite) to start again"
+        )
+    if settings["source"].get("type") == "iterable":
+        raise BuildError(
+            f"{directory} holds an unfinished build from a Python iterator, which "
+            "cannot be read again: pass overwrite=True to start again"
+        )
+    logger.info(
+        "resuming the build in %s after %d shards (%d input records)",
+        directory,
+        len(meta["shards"]),
+        meta["num_records"],
+    )
+    return meta, False
 
-    shard_dir = directory / SHARDS
-    known = {entry["name"] for entry in meta["shards"]}
-    for path in shard_dir.iterdir():  # files of a shard that never finished
-        if path.name.split(".")[0] not in known:
-            path.unlink()
-    (directory / FAILURES).unlink(missing_ok=True)
+
+def _build_shards(retriever, source: Source, directory: Path, meta: dict, progress, on_shard):
+    """Reads, embeds and writes the shards after those `meta` lists (every process reads and
+    embeds; process 0 alone writes)."""
+    from jaxmol.search.retriever import LibraryMoleculeEncoder, budgets_to_json
+
+    primary = distributed.is_primary()
+    if primary:
+        known = {entry["name"] for entry in meta["shards"]}
+        for path in (directory / SHARDS).iterdir():  # files of a shard that never finished
+            if path.name.split(".")[0] not in known:
+                path.unlink()
+        (directory / FAILURES).unlink(missing_ok=True)
     molecules = meta["kind"] == "molecules"
     encoder = LibraryMoleculeEncoder(retriever, meta.get("graph_budgets")) if molecules else None
 
     def produce():
-        # Reader thread: read, parse and featurise (and pack) the next pieces of a shard.
+        # Reader thread: read, parse and featurise the next pieces of a shard (and fit the
+        # graph budgets; the embedder packs them in its own thread).
         for chunk in _chunks(source.records(meta["num_records"]), meta["shard_size"]):
             for first in range(0, len(chunk), PIECE_SIZE):
                 piece = chunk[first : first + PIECE_SIZE]
@@ -827,8 +872,8 @@ def _build_shards(retriever, source: Source, directory: Path, meta: dict, progre
         if not last:
             continue
         shard_failed.sort(key=lambda row: row[0])
-        if encoder is not None:
-            meta["graph_budgets"] = encoder.budgets_dict()
+        if molecules:  # the levels this shard was packed with (the reader may be ahead)
+            meta["graph_budgets"] = budgets_to_json(prepared.budgets)
         entry = _write_shard(
             directory,
             meta,
@@ -836,13 +881,18 @@ def _build_shards(retriever, source: Source, directory: Path, meta: dict, progre
             shard_kept,
             np.concatenate(shard_embeddings),
             shard_failed,
+            write=primary,
         )
         shard_records, shard_kept, shard_embeddings, shard_failed = [], [], [], []
         if on_shard is not None:
             on_shard(entry)
 
 
-def _write_shard(directory: Path, meta: dict, chunk, kept, embeddings, failed) -> dict:
+def _write_shard(
+    directory: Path, meta: dict, chunk, kept, embeddings, failed, *, write: bool = True
+) -> dict:
+    """Writes one shard's files, then meta.json listing it (the commit point); `write=False`
+    (processes other than 0) only updates `meta` in memory, without the files' sums."""
     name = f"{len(meta['shards']):06d}"
     embeddings = np.ascontiguousarray(embeddings, dtype=np.dtype(meta["dtype"]))
 
@@ -858,13 +908,20 @@ def _write_shard(directory: Path, meta: dict, chunk, kept, embeddings, failed) -
         for row in failed:
             f.write(("\t".join(_tsv_field(x) for x in row) + "\n").encode("utf-8"))
 
-    files = {
-        "emb": _write_file(_shard_path(directory, name, "emb"), lambda f: np.save(f, embeddings)),
-        "ids": _write_file(_shard_path(directory, name, "ids"), lines(r.id for r in kept)),
-        "values": _write_file(_shard_path(directory, name, "values"), lines(r.value for r in kept)),
-        "failures": _write_file(_shard_path(directory, name, "failures"), failure_rows),
-    }
-    _fsync_dir(directory / SHARDS)
+    def npy(f):
+        np.save(f, embeddings)
+
+    files = None
+    if write:
+        files = {
+            "emb": _write_file(_shard_path(directory, name, "emb"), npy),
+            "ids": _write_file(_shard_path(directory, name, "ids"), lines(r.id for r in kept)),
+            "values": _write_file(
+                _shard_path(directory, name, "values"), lines(r.value for r in kept)
+            ),
+            "failures": _write_file(_shard_path(directory, name, "failures"), failure_rows),
+        }
+        _fsync_dir(directory / SHARDS)
     entry = {
         "name": name,
         "first_record": meta["num_records"],
@@ -877,7 +934,8 @@ def _write_shard(directory: Path, meta: dict, chunk, kept, embeddings, failed) -
     meta["num_records"] += len(chunk)
     meta["count"] += len(kept)
     meta["num_failures"] += len(failed)
-    _write_json_atomic(directory / META, meta)
+    if write:
+        _write_json_atomic(directory / META, meta)
     return entry
 
 

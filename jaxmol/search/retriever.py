@@ -2,8 +2,10 @@
 
 `Retriever.from_workdir` restores the parameters and BatchNorm statistics only (no optimiser,
 `jaxmol.evaluation.restore_for_eval`) and embeds through the evaluation `Embedder` on all local
-devices, with the run's tokenizer and featuriser: a query embedded here is the vector the
-evaluation protocols would compute for the same text or molecule.
+devices (or all devices of all processes, `join_processes`), with the run's tokenizer and
+featuriser: a query embedded here is the vector the evaluation protocols would compute for the
+same text or molecule. A library build embeds through the same `Embedder.embed_molecules`,
+with graph budgets kept across its pieces (`LibraryMoleculeEncoder`).
 
 Every embedding it returns is L2-normalised with `jaxmol.metrics.l2_normalize_rows` (float64
 division, one rounding to float32), exactly as the protocols normalise before their cosine, so
@@ -13,6 +15,7 @@ a dot product of two rows is the protocols' score.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import os
@@ -49,6 +52,34 @@ def params_hash(variables: dict) -> str:
     return digest.hexdigest()
 
 
+def join_processes(join: bool | None = None) -> bool:
+    """Joins this process to the other processes of a multi-process search (once).
+
+    Then the retriever's devices are those of all processes: every process must make the same
+    calls (encode, build, search) with the same inputs, and each gets every result back; only
+    process 0 writes index files (`jaxmol.search.index`). Call it before anything else uses
+    JAX. Settings come from ``$JAXMOL_COORDINATOR_ADDRESS``, ``$JAXMOL_NUM_PROCESSES`` and
+    ``$JAXMOL_PROCESS_ID`` (`python -m jaxmol.launch` sets them), else from JAX's cluster
+    detection (`jaxmol.distributed.initialize`). Processes other than 0 then log warnings and
+    errors only.
+
+    Args:
+      join: True to join; None = only when ``$JAXMOL_PROCESS_ID`` is set; False: never.
+
+    Returns:
+      Whether this process joined (or had joined) a run of several processes.
+    """
+    from jaxmol import distributed
+    from jaxmol.config import default_config
+
+    if join is None:
+        join = distributed.requested()
+    if join:
+        distributed.initialize(default_config())
+        distributed.quiet_unless_primary()
+    return bool(join) and jax.process_count() > 1
+
+
 class _DropFeaturizeChatter(logging.Filter):
     """Drops `featurize_split`'s per-call log lines while the search reports failures itself
     (its warning would list every failing id of every chunk)."""
@@ -71,7 +102,8 @@ def quiet_featurizer() -> Iterator[None]:
 
 
 class Retriever:
-    """Embeds texts and molecules with a trained model, in eval mode, on all local devices.
+    """Embeds texts and molecules with a trained model, in eval mode, on all devices (of all
+    processes, once `join_processes` joined several).
 
     Build one with `from_workdir`; the constructor takes already restored pieces.
 
@@ -81,7 +113,8 @@ class Retriever:
       config: the run config (tokenizer, featuriser, eval batch size).
       step: the checkpoint step the variables come from.
       workdir: the training workdir (recorded in index metadata), or None.
-      num_devices: devices to embed on (-1: all local devices).
+      num_devices: devices to embed on (-1: all local devices; with several processes, all
+        devices of all of them).
       parallel: 'shard_map' or 'pmap'.
       batch_size: texts or molecules per embedding batch; 0 = the run's ``eval_batch_size``.
       weights: a description of which weights these are (for messages).
@@ -118,7 +151,6 @@ class Retriever:
         self.featurizer = builders.featurizer_for(config)
         self.batch_size = int(batch_size) if batch_size > 0 else int(config.eval_batch_size)
         self.embed_dim = self.embedder.embed_dim
-        self._molecule_program = None
 
     @classmethod
     def from_workdir(
@@ -129,6 +161,7 @@ class Retriever:
         num_devices: int = -1,
         parallel: str = "shard_map",
         batch_size: int = 0,
+        join: bool | None = None,
     ) -> Retriever:
         """Restores a training workdir's checkpoint (parameters and batch statistics only).
 
@@ -137,10 +170,14 @@ class Retriever:
           step: 'best' (best validation checkpoint; the latest when none was validated),
             'latest', or a step number.
           num_devices, parallel, batch_size: as the constructor.
+          join: join the other processes of a multi-process run first (`join_processes`);
+            None = when started by `python -m jaxmol.launch` (``$JAXMOL_PROCESS_ID`` set).
 
         Raises:
           jaxmol.checkpointing.CheckpointError: no workdir, no checkpoint, or an unreadable one.
+          jaxmol.distributed.DistributedError: the other processes cannot be joined.
         """
+        join_processes(join)
         model, variables, config, restored = restore_for_eval(workdir, step)
         return cls(
             model,
@@ -207,21 +244,6 @@ class Retriever:
     # -----------------------------------------------------------------------------------------
     # Molecules.
 
-    def molecule_program(self):
-        """The molecule tower over the runner's devices, compiled once per retriever and graph
-        shape (`LibraryMoleculeEncoder` feeds it)."""
-        if self._molecule_program is None:
-            model = self.model
-
-            def molecule_fn(variables, graphs):
-                z_mol, _, _ = model.apply(variables, graphs, train=False, method="embed_molecules")
-                return (z_mol,)  # [b, d]
-
-            self._molecule_program = self.runner.run(
-                molecule_fn, replicated_args=(0,), out_kinds=("sharded",)
-            )
-        return self._molecule_program
-
     def featurize(self, smiles: Sequence[str], ids: Sequence[str] | None = None) -> FeaturizedSplit:
         """Featurises SMILES with the run's featuriser; unreadable ones are marked invalid and
         listed in ``failures`` (nothing is cached on disk)."""
@@ -267,97 +289,91 @@ class Retriever:
         return out, failures
 
 
+@dataclasses.dataclass(frozen=True)
+class PreparedPiece:
+    """A featurised piece of a library and the graph budgets it is packed into.
+
+    Attributes:
+      graphs: the piece's featurised molecules.
+      rows: int64 [n] its valid molecules, in order.
+      budgets: the levels to pack them into (None when there is no valid molecule yet).
+    """
+
+    graphs: FeaturizedSplit
+    rows: np.ndarray
+    budgets: batching.GraphBudgets | None
+
+
+def budgets_to_json(budgets: batching.GraphBudgets | None) -> dict | None:
+    """Graph budget levels as JSON (recorded in an index's metadata)."""
+    if budgets is None:
+        return None
+    return {"nodes": list(budgets.nodes), "edges": list(budgets.edges)}
+
+
+def budgets_from_json(value: dict | None) -> batching.GraphBudgets | None:
+    """The inverse of `budgets_to_json`."""
+    if not value:
+        return None
+    return batching.GraphBudgets(tuple(value["nodes"]), tuple(value["edges"]))
+
+
 class LibraryMoleculeEncoder:
-    """Embeds a library chunk by chunk with graph budgets that persist across chunks.
+    """Keeps a library build's graph budgets across its pieces; the evaluation `Embedder`
+    embeds.
 
-    `Retriever.embed_featurized` (the evaluation `Embedder`) derives graph budget levels from the
-    molecules of each call, so every chunk of a large library would bring new shapes and new
-    compilations. Here the levels come from the first chunk and only grow (by doubling) when a
-    later batch does not fit: a whole library compiles a handful of shapes. The same model
-    function runs on the same packed layout (`batching.pack_graphs`), so embeddings equal the
-    Embedder's to float rounding. The levels are recorded in the index metadata after every
-    shard: they only ever grow at the top, so a resumed build picks the same level for every
-    batch as an uninterrupted one.
+    `Retriever.embed_featurized` derives graph budget levels from the molecules of each call,
+    so every piece of a large library would bring new shapes and new compilations. Here the
+    levels come from the first piece and only grow at the top (`Embedder.molecule_budgets`)
+    when a later piece needs more: a whole library compiles a handful of shapes, and every
+    piece is embedded at the retriever's full batch size. The levels are recorded in the
+    index metadata after every shard; since they only grow at the top, a resumed build packs
+    (and so embeds) every molecule exactly as an uninterrupted one. Batching, packing and
+    streaming are the Embedder's (`embed_molecules`), so with several processes every process
+    walks the same batches, packs only its own devices' chunks and gets every row back.
 
-    `prepare` (host work: slots and packing) runs in the build's reader thread, `embed` (device
-    work) in the main thread, with one batch in flight while the previous one is copied back.
+    `prepare` (host work: the levels) may run in the build's reader thread and `embed` (device
+    work) in the main thread: a prepared piece carries the levels it was prepared with.
+
+    Args:
+      retriever: the `Retriever` whose embedder, variables and batch size embed the library.
+      budgets: levels to start from (`budgets_to_json` of a resumed build), or None.
     """
 
     def __init__(self, retriever: Retriever, budgets: dict | None = None):
         self._retriever = retriever
-        self._fn = retriever.molecule_program()
-        self.num_devices = retriever.runner.num_devices
-        self.batch = retriever.embedder.global_batch_size(retriever.batch_size)
-        self.budgets: batching.GraphBudgets | None = None
-        if budgets:
-            self.budgets = batching.GraphBudgets(tuple(budgets["nodes"]), tuple(budgets["edges"]))
+        self.budgets = budgets_from_json(budgets)
 
     def budgets_dict(self) -> dict | None:
-        """The current budget levels as JSON (a resumed build starts from them, so it packs,
-        and therefore embeds, every molecule exactly as an uninterrupted build does)."""
-        if self.budgets is None:
-            return None
-        return {"nodes": list(self.budgets.nodes), "edges": list(self.budgets.edges)}
+        """The current budget levels as JSON (a resumed build starts from them)."""
+        return budgets_to_json(self.budgets)
 
-    def _fit_budgets(self, graphs: FeaturizedSplit, slots: list[np.ndarray]) -> None:
+    def prepare(self, graphs: FeaturizedSplit) -> PreparedPiece:
+        """Grows the levels to fit the valid molecules of `graphs` (host work only)."""
         rows = np.flatnonzero(graphs.valid)
-        per_device = self.batch // self.num_devices
-        if self.budgets is None:
-            self.budgets = batching.graph_budgets_for(
-                graphs.n_node[rows], graphs.n_edge[rows], per_device
+        if len(rows):
+            self.budgets = self._retriever.embedder.molecule_budgets(
+                graphs, rows, batch_size=self._retriever.batch_size, start=self.budgets
             )
-        need_nodes = need_edges = 0
-        for chunk in slots:  # [D, b]
-            real = chunk >= 0
-            safe = np.maximum(chunk, 0)
-            need_nodes = max(need_nodes, int(np.where(real, graphs.n_node[safe], 0).sum(1).max()))
-            need_edges = max(need_edges, int(np.where(real, graphs.n_edge[safe], 0).sum(1).max()))
-        nodes, edges = list(self.budgets.nodes), list(self.budgets.edges)
-        while need_nodes + 1 > nodes[-1] or need_edges > edges[-1]:
-            nodes.append(nodes[-1] * 2)
-            edges.append(edges[-1] * 2)
-        if len(nodes) > len(self.budgets.nodes):
-            logger.info("graph budgets grow to %d nodes / %d edges", nodes[-1], edges[-1])
-            self.budgets = batching.GraphBudgets(tuple(nodes), tuple(edges))
+        return PreparedPiece(graphs, rows, self.budgets)
 
-    def prepare(self, graphs: FeaturizedSplit) -> list[tuple[np.ndarray, object]]:
-        """Packs the valid molecules of `graphs` into device batches (host work only).
+    def embed(self, prepared: PreparedPiece, num_valid: int | None = None) -> np.ndarray:
+        """Embeds a prepared piece: float32 [num_valid, D] unit rows, in molecule order.
 
-        Returns:
-          [(positions int64 [B] into the valid molecules, -1 = empty slot, packed graphs)].
+        Args:
+          prepared: from `prepare`.
+          num_valid: the piece's valid molecules, if the caller wants that checked.
         """
-        rows = np.flatnonzero(graphs.valid)
+        retriever, rows = self._retriever, prepared.rows
+        if num_valid is not None and num_valid != len(rows):
+            raise ValueError(f"the prepared piece holds {len(rows)} molecules, not {num_valid}")
         if len(rows) == 0:
-            return []
-        B, D = self.batch, self.num_devices
-        slots, positions = [], []
-        for start in range(0, len(rows), B):
-            chunk = np.full(B, -1, np.int64)
-            chunk[: min(B, len(rows) - start)] = rows[start : start + B]
-            slots.append(chunk.reshape(D, B // D))
-            positions.append(np.where(chunk >= 0, np.arange(start, start + B), -1))
-        self._fit_budgets(graphs, slots)
-        return [
-            (where, batching.pack_graphs(graphs, chunk, self.budgets))
-            for where, chunk in zip(positions, slots, strict=True)
-        ]
-
-    def embed(self, prepared: list[tuple[np.ndarray, object]], num_valid: int) -> np.ndarray:
-        """Runs prepared batches: float32 [num_valid, D] unit rows, in molecule order."""
-        out = np.zeros((num_valid, self._retriever.embed_dim), np.float32)
-        if num_valid == 0:
-            return out
-        runner, variables = self._retriever.runner, self._retriever.variables.tree
-        in_flight = None
-        for where, packed in [*prepared, (None, None)]:
-            launched = None
-            if packed is not None:
-                (z,) = self._fn(variables, runner.shard(packed))  # [D, b, d]
-                launched = (where, z)
-            if in_flight is not None:
-                done_where, done_z = in_flight
-                z_host = np.asarray(done_z).reshape(-1, out.shape[1])
-                real = done_where >= 0
-                out[done_where[real]] = z_host[real]
-            in_flight = launched
-        return l2_normalize_rows(out, "molecule embeddings")
+            return np.zeros((0, retriever.embed_dim), np.float32)
+        raw = retriever.embedder.embed_molecules(
+            retriever.variables,
+            prepared.graphs,
+            rows,
+            batch_size=retriever.batch_size,
+            budgets=prepared.budgets,
+        )
+        return l2_normalize_rows(raw, "molecule embeddings")

@@ -15,7 +15,11 @@ the merge sorts by (score descending, row ascending), so results are determinist
 rank is the competition rank 1 + (number of library rows scoring strictly higher), the
 optimistic rank of the evaluation protocols (docs/evaluation.md, "Rank and ties").
 
-There are no collectives: each device returns its own candidates, the host merges them.
+There are no collectives: each device returns its own candidates, the host merges them. With
+several processes (a mesh holding other processes' devices, `jaxmol.search.join_processes`)
+every process makes the same calls with the same library and queries, places only its own
+devices' slices, and gathers every device's candidates (`process_allgather`), so every process
+gets the whole result.
 """
 
 from __future__ import annotations
@@ -83,6 +87,8 @@ class ExactTopK:
         self._rows = NamedSharding(self.mesh, P(AXIS))
         self._replicated = NamedSharding(self.mesh, P())
         self._programs: dict[int, Callable] = {}
+        # Devices of other processes: arrays are assembled from each process's own slices.
+        self.multiprocess = any(d.process_index != jax.process_index() for d in self.devices)
 
     def _round(self, rows: int) -> int:
         """`rows` rounded up to a multiple of the device count (at least one row per device)."""
@@ -125,12 +131,33 @@ class ExactTopK:
             )
         return self._programs[local_k]
 
+    def _put(self, host: np.ndarray, sharding: NamedSharding) -> jax.Array:
+        """A host array (the same on every process) -> a device array laid out by `sharding`;
+        with several processes each process copies only its own devices' slices."""
+        if self.multiprocess:
+            return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+        return jax.device_put(host, sharding)
+
+    def _scalar(self, value: int):
+        """An int32 program argument (with several processes, a replicated global array)."""
+        if self.multiprocess:
+            return self._put(np.asarray(value, np.int32), self._replicated)
+        return np.int32(value)
+
+    def _fetch(self, array: jax.Array) -> np.ndarray:
+        """Per-device outputs [D, ...] -> host NumPy, every device's rows on every process."""
+        if self.multiprocess:
+            from jax.experimental import multihost_utils
+
+            return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+        return np.asarray(array)
+
     def _device_chunk(self, host: np.ndarray, chunk_rows: int) -> jax.Array:
         if host.shape[0] < chunk_rows:
             padded = np.zeros((chunk_rows, host.shape[1]), host.dtype)
             padded[: host.shape[0]] = host
             host = padded
-        return jax.device_put(host, self._rows)
+        return self._put(np.asarray(host), self._rows)
 
     def place(self, chunks: Iterator[tuple[np.ndarray, int]], num_rows: int) -> DeviceLibrary:
         """Copies a library onto the devices once, in chunks of `chunk_rows_for(num_rows)`.
@@ -196,15 +223,21 @@ class ExactTopK:
             block = np.zeros((query_rows, queries.shape[1]), np.float32)
             part = queries[first : first + query_rows]
             block[: len(part)] = part
-            batches.append((first, len(part), jax.device_put(block, self._replicated)))
+            batches.append((first, len(part), self._put(block, self._replicated)))
 
         pending: list = []  # one chunk's device outputs stay in flight while the next runs
         for device_chunk, start, count in chunks:
-            start_arg, count_arg = np.int32(start), np.int32(count)
+            start_arg, count_arg = self._scalar(start), self._scalar(count)
             outputs = [
                 (first, n, program(q, device_chunk, start_arg, count_arg))
                 for first, n, q in batches
             ]
+            if self.multiprocess and not pending:
+                # The programs are compiled now; the first gather (gloo's set-up) must not find
+                # the other processes more than 30 s away (docs/design.md section 4).
+                from jaxmol import distributed
+
+                distributed.barrier("topk_compiled")
             for first, n, (scores, rows) in pending:
                 self._merge(best_scores, best_rows, first, n, scores, rows, k_out)
             pending = outputs
@@ -212,11 +245,10 @@ class ExactTopK:
             self._merge(best_scores, best_rows, first, n, scores, rows, k_out)
         return best_scores, best_rows
 
-    @staticmethod
-    def _merge(best_scores, best_rows, first, n, scores, rows, k_out) -> None:
+    def _merge(self, best_scores, best_rows, first, n, scores, rows, k_out) -> None:
         """Merges one chunk's per-device candidates [D, Qb, k'] into the running best."""
-        scores = np.asarray(scores)[:, :n]  # [D, n, k']
-        rows = np.asarray(rows)[:, :n].astype(np.int64)
+        scores = self._fetch(scores)[:, :n]  # [D, n, k']
+        rows = self._fetch(rows)[:, :n].astype(np.int64)
         scores = np.moveaxis(scores, 0, 1).reshape(n, -1)  # [n, D * k']
         rows = np.moveaxis(rows, 0, 1).reshape(n, -1)
         rows = np.where(np.isneginf(scores), _NO_ROW, rows)  # padding rows of the last chunk
