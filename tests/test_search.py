@@ -1,5 +1,6 @@
 """Search: input readers, exact top-k, the index (build, resume, round trip, damage, wrong
-checkpoint), the pool-protocol equality, the CLI, the web server and the page in a browser.
+checkpoint), the pool-protocol equality, the CLI, a build and a top-k over 2 processes, the web
+server and the page in a browser.
 
 The checkpoint is the session's shared tiny training run (`trained_run` in conftest.py, read
 only); every index here holds a few dozen ChEBI-20 test molecules.
@@ -11,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -26,6 +28,7 @@ from tests import conftest
 ROOT = Path(__file__).resolve().parents[1]
 NUM_PAIRS = 40
 SHARD_SIZE = 16
+MULTIPROCESS_TIMEOUT_S = 300  # every launch of several processes; a hang fails, never blocks CI
 
 
 # ----------------------------------------------------------------------------------------------
@@ -174,6 +177,64 @@ def test_exact_topk_matches_brute_force_with_ties_chunks_and_devices():
     )
     np.testing.assert_array_equal(half[1], order[:, :7])  # small integers are exact in float16
     assert competition_ranks(np.array([3.0, 2.0, 2.0, 1.0])).tolist() == [1, 2, 2, 4]
+
+
+# The top-k test above, run by each of 2 processes over the 4 devices of both (self-contained:
+# importing the tests would load conftest.py, which asks for 8 devices per process).
+_TOPK_OVER_PROCESSES = """
+import jax
+import numpy as np
+
+from jaxmol.search import join_processes
+from jaxmol.search.topk import ExactTopK
+
+assert join_processes() and jax.device_count() == 4 and jax.local_device_count() == 2
+rng = np.random.default_rng(0)
+library = rng.integers(-2, 3, size=(203, 8)).astype(np.float32)
+library[50] = library[7]
+queries = rng.integers(-2, 3, size=(5, 8)).astype(np.float32)
+scores = queries @ library.T
+order = np.lexsort((np.broadcast_to(np.arange(203), scores.shape), -scores), axis=1)
+engine = ExactTopK(jax.devices(), chunk_rows=48, query_batch=2)
+assert engine.multiprocess
+
+
+def chunks(rows):
+    for start in range(0, len(library), rows):
+        yield library[start : start + rows], start
+
+
+for k in (1, 7, 250):
+    got_scores, got_rows = engine.search(queries, chunks, k, num_rows=len(library))
+    k_out = min(k, len(library))
+    np.testing.assert_array_equal(got_rows, order[:, :k_out])
+    np.testing.assert_array_equal(got_scores, np.take_along_axis(scores, order, 1)[:, :k_out])
+placed = engine.place(chunks(engine.chunk_rows_for(len(library))), len(library))
+np.testing.assert_array_equal(engine.search(queries, placed, 7)[1], order[:, :7])
+print(f"top-k over processes: process {jax.process_index()} ok", flush=True)
+"""
+
+
+def _launch(*command, processes=2, devices_per_process=2):
+    """`python -m jaxmol.launch` of `command`, bounded by `MULTIPROCESS_TIMEOUT_S`."""
+    launcher = [sys.executable, "-m", "jaxmol.launch", f"--processes={processes}"]
+    launcher += [f"--devices_per_process={devices_per_process}", "--", *map(str, command)]
+    return subprocess.run(
+        launcher,
+        cwd=ROOT,
+        env=conftest.subprocess_env(),  # the session's compilation cache
+        capture_output=True,
+        text=True,
+        timeout=MULTIPROCESS_TIMEOUT_S,
+    )
+
+
+@pytest.mark.slow
+def test_exact_topk_over_two_processes_matches_brute_force():
+    done = _launch(sys.executable, "-c", _TOPK_OVER_PROCESSES)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    for process in (0, 1):
+        assert f"process {process} ok" in done.stdout
 
 
 # ----------------------------------------------------------------------------------------------
@@ -392,6 +453,41 @@ def test_an_interrupted_build_resumes_to_the_uninterrupted_index(
     ]
     with pytest.raises(BuildError, match="already holds a finished index"):
         Index.build(retriever, library, path, shard_size=SHARD_SIZE)
+
+
+@pytest.mark.slow
+def test_a_build_over_two_processes_equals_the_one_process_index(index, workdir, library, tmp_path):
+    """`search.py build` under `python -m jaxmol.launch`, 2 processes x 2 devices: every process
+    embeds its devices' share of every batch, process 0 writes; the index equals the one built
+    by 1 process on 8 devices (other batch shapes: equal to float rounding)."""
+    from jaxmol.search import Index
+
+    out = tmp_path / "two_processes"
+    start = time.perf_counter()
+    done = _launch(
+        sys.executable,
+        ROOT / "search.py",
+        "build",
+        f"--workdir={workdir}",
+        "--step=latest",
+        f"--molecules={library}",
+        f"--index={out}",
+        f"--shard_size={SHARD_SIZE}",
+    )
+    seconds = time.perf_counter() - start
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    print(f"2 x 2 build of {NUM_PAIRS + 1} records: {seconds:.1f} s")
+    assert f"[0] index: {out}" in done.stdout  # both processes finished with the index
+    assert f"[1] index: {out}" in done.stdout
+    built = Index.load(out, verify=True)
+    np.testing.assert_allclose(built.embeddings(), index.embeddings(), atol=1e-5, rtol=0)
+    assert [built.item(r) for r in range(len(index))] == [index.item(r) for r in range(len(index))]
+    assert built.failures() == index.failures()
+    for key in ("count", "num_records", "num_failures", "checkpoint", "model"):
+        assert built.meta[key] == index.meta[key], key
+    assert [(s["name"], s["count"]) for s in built.meta["shards"]] == [
+        (s["name"], s["count"]) for s in index.meta["shards"]
+    ]
 
 
 def test_build_from_sdf_reports_the_bad_record(retriever, tmp_path):
