@@ -14,6 +14,12 @@ interrupted build when run again with the same arguments; rows that cannot be em
 listed in DIR/failures.tsv. `query` and `serve` restore the checkpoint the index names (or
 `--workdir`) and refuse an index built from other weights.
 
+Several processes (docs/multihost.md): started by `python -m jaxmol.launch --processes N ... --
+search.py build ...` (or with ``$JAXMOL_*`` set by hand), `build` and `query` join the other
+processes and embed on the devices of all of them; `--distributed` joins on clusters JAX detects
+itself (SLURM, TPU pods). Process 0 alone writes the index, prints and shows progress; the
+others print only warnings and errors, tagged with their process index.
+
 Exit statuses are those of train.py and evaluate.py (`jaxmol.cli.run_guarded`): an expected
 failure prints one line, ``search.py COMMAND: error: ...``, and exits with 2 (usage: flags, an
 existing index without --overwrite, a changed input on resume), 3 (data: a missing or unreadable
@@ -65,8 +71,17 @@ flags.DEFINE_integer("shard_size", 16_384, "Input records per shard (the unit of
 flags.DEFINE_enum("dtype", "float32", ["float32", "float16"], "Stored embedding type.")
 flags.DEFINE_bool("overwrite", False, "Replace a finished index (or another unfinished one).")
 flags.DEFINE_integer("batch_size", 0, "Embedding batch; 0 = the run's eval_batch_size.")
-flags.DEFINE_integer("num_devices", -1, "Devices to embed on; -1 = all local devices.")
+flags.DEFINE_integer("num_devices", -1, "Devices to embed on; -1 = all local devices (all "
+                     "devices of all processes when several are joined).")  # fmt: skip
 flags.DEFINE_string("data_dir", None, "Folder of the shipped splits (for --split).")
+flags.DEFINE_bool(
+    "distributed",
+    False,
+    "build/query: join the other processes of a multi-process run (jax.distributed; as for "
+    "training: $JAXMOL_COORDINATOR_ADDRESS/... or `python -m jaxmol.launch`, which join without "
+    "this flag, else the cluster JAX detects: SLURM, TPU pods); embeds on all devices of all "
+    "processes, process 0 writes the index and prints.",
+)
 # query
 flags.DEFINE_multi_string("text", [], "A text query (molecule index); repeatable.")
 flags.DEFINE_multi_string("smiles", [], "A SMILES query (text index); repeatable.")
@@ -97,6 +112,19 @@ def _parse_step(value: str, default):
         raise UsageError(f"--step must be 'best', 'latest' or an integer, got {value!r}") from error
 
 
+def _join() -> bool | None:
+    """`Retriever.from_workdir`'s ``join``: True with --distributed, else None (join when
+    started by `python -m jaxmol.launch`, i.e. ``$JAXMOL_PROCESS_ID`` is set)."""
+    return True if FLAGS.distributed else None
+
+
+def _primary() -> bool:
+    """True on the process that prints (process 0; the only one of a 1-process run)."""
+    from jaxmol import distributed
+
+    return distributed.is_primary()
+
+
 def _retriever_for_index(index_dir: str):
     """The retriever of the checkpoint an index names (or --workdir / --step)."""
     from jaxmol.search import Retriever
@@ -109,7 +137,7 @@ def _retriever_for_index(index_dir: str):
         raise UsageError("the index names no workdir: pass --workdir")
     step = _parse_step(FLAGS.step, built["step"])
     return Retriever.from_workdir(
-        workdir, step, num_devices=FLAGS.num_devices, batch_size=FLAGS.batch_size
+        workdir, step, num_devices=FLAGS.num_devices, batch_size=FLAGS.batch_size, join=_join()
     )
 
 
@@ -158,10 +186,15 @@ def build() -> None:
         _parse_step(FLAGS.step, "best"),
         num_devices=FLAGS.num_devices,
         batch_size=FLAGS.batch_size,
+        join=_join(),
     )
-    print(f"weights: {retriever.weights}", file=sys.stderr)
+    primary = _primary()  # the others build alongside, silently (warnings and errors only)
+    if primary:
+        print(f"weights: {retriever.weights}", file=sys.stderr)
     unit = "mol" if source.kind == "molecules" else "text"
-    bar = tqdm(total=_split_total(source), unit=unit, desc="embedded", smoothing=0.1)
+    bar = tqdm(
+        total=_split_total(source), unit=unit, desc="embedded", smoothing=0.1, disable=not primary
+    )
     start = time.perf_counter()
     try:
         index = Index.build_from_source(
@@ -176,6 +209,8 @@ def build() -> None:
     finally:
         bar.close()
     elapsed = time.perf_counter() - start
+    if not primary:
+        return
     print(f"index: {index.path}")
     print(f"  {index.describe()}")
     print(f"  {index.meta['num_records']:,} input records in {elapsed:.1f} s")
@@ -255,7 +290,9 @@ def query() -> None:
     index.attach(_retriever_for_index(FLAGS.index))
     if FLAGS.chunk_rows > 0:
         index.configure(chunk_rows=FLAGS.chunk_rows)
-    _print_results(index.search(queries, k=FLAGS.k), index.kind)
+    results = index.search(queries, k=FLAGS.k)  # every process searches; process 0 prints
+    if _primary():
+        _print_results(results, index.kind)
 
 
 def serve() -> None:
@@ -263,6 +300,15 @@ def serve() -> None:
 
     if not FLAGS.index:
         raise UsageError("serve needs --index")
+    from jaxmol import distributed
+
+    if FLAGS.distributed or distributed.requested():
+        # Every search is a collective over the joined processes' devices, but only one
+        # process would get each request: the others would wait forever.
+        raise UsageError(
+            "serve runs on one process: start it without --distributed or jaxmol.launch "
+            "(--distributed and the launcher are for build and query)"
+        )
     index = Index.load(FLAGS.index, verify=FLAGS.verify)
     index.attach(_retriever_for_index(FLAGS.index))
     index.place_on_device()
@@ -294,8 +340,8 @@ def main(argv):
     except KeyboardInterrupt:
         if command_name == "build":
             print(
-                "search.py build: interrupted; the finished shards are kept: run the same "
-                "command to resume",
+                f"search.py build{cli._process_tag()}: interrupted; the finished shards are "
+                "kept: run the same command to resume",
                 file=sys.stderr,
             )
             sys.exit(cli.EXIT_CTRL_C)
