@@ -18,14 +18,15 @@ Several processes (docs/multihost.md): started by `python -m jaxmol.launch --pro
 search.py build ...` (or with ``$JAXMOL_*`` set by hand), `build` and `query` join the other
 processes and embed on the devices of all of them; `--distributed` joins on clusters JAX detects
 itself (SLURM, TPU pods). Process 0 alone writes the index, prints and shows progress; the
-others print only warnings and errors, tagged with their process index.
+others print only warnings and errors, tagged with their process index. `serve` runs on one
+process.
 
 Exit statuses are those of train.py and evaluate.py (`jaxmol.cli.run_guarded`): an expected
 failure prints one line, ``search.py COMMAND: error: ...``, and exits with 2 (usage: flags, an
 existing index without --overwrite, a changed input on resume), 3 (data: a missing or unreadable
-input or queries file, an unknown split, a missing, unfinished or damaged index) or 4 (checkpoint:
-none restores, or the index was built from other weights). Ctrl-C during `build` exits with 130
-after keeping the finished shards.
+input or queries file, an unknown split, a missing, unfinished or damaged index), 4 (checkpoint:
+none restores, or the index was built from other weights) or 7 (several processes cannot be
+joined). Ctrl-C during `build` exits with 130 after keeping the finished shards.
 """
 
 import os
