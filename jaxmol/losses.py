@@ -44,6 +44,7 @@ from jax import lax
 __all__ = [
     "batch_hard_triplet",
     "cmtmr_loss",
+    "dann_grl_scale",
     "gradient_reversal",
     "info_nce",
     "masked_mean",
@@ -517,11 +518,48 @@ def gradient_reversal(x: Any, scale: Any = 1.0) -> Any:
     return _reverse_gradient(x, jnp.asarray(scale, dtype=jnp.float32))
 
 
-def modality_adversarial_loss(logits_txt: Any, logits_mol: Any, *, where: Any = None) -> jax.Array:
+def dann_grl_scale(progress: Any, gamma: Any = 10.0) -> jax.Array:
+    """The DANN schedule of the gradient-reversal scale: 0 at the start, → 1 at the end.
+
+        λ(p) = 2 / (1 + exp(−γ·p)) − 1,   p = training progress in [0, 1]
+
+    λ(0) = 0 exactly (the encoders get no adversarial gradient while the discriminator is
+    still random), λ rises fastest at the start and λ(1) = tanh(γ/2) (0.99991 for γ = 10).
+    Written as tanh(γ·p / 2), the same value without the cancellation of `2/(1+e) − 1`.
+
+    Args:
+      progress: float scalar (or array) p, e.g. step / total_steps; may be traced.
+      gamma: positive steepness γ (10 in the paper).
+
+    Returns:
+      float32 λ(p), the shape of `progress`.
+
+    Example:
+      >>> print(dann_grl_scale(0.0), round(float(dann_grl_scale(1.0)), 5))
+      0.0 0.99991
+
+    Reference: Ganin & Lempitsky, ICML 2015 (section 5.2.2, the schedule of λ_p).
+    """
+    _check_temperature(gamma, "gamma")
+    progress = jnp.asarray(progress, jnp.float32)
+    return jnp.tanh(0.5 * jnp.asarray(gamma, jnp.float32) * progress)
+
+
+def modality_adversarial_loss(
+    logits_txt: Any, logits_mol: Any, *, where: Any = None, label_smoothing: Any = 0.0
+) -> jax.Array:
     """Sigmoid binary cross-entropy of a modality discriminator: text = 1, molecule = 0.
 
         loss(text i) = −log σ(l_t,i) = softplus(−l_t,i)
         loss(mol i)  = −log(1 − σ(l_m,i)) = softplus(l_m,i)
+
+    With `label_smoothing` ε > 0 the targets become 1 − ε (text) and ε (molecule):
+
+        loss(text i) = (1 − ε)·softplus(−l_t,i) + ε·softplus(l_t,i)
+        loss(mol i)  = (1 − ε)·softplus(l_m,i) + ε·softplus(−l_m,i)
+
+    so the discriminator's optimum is the finite logit ±log((1 − ε)/ε) instead of ±∞: a
+    confident discriminator keeps a gradient (σ(l) − target) instead of saturating.
 
     With `gradient_reversal` applied to the discriminator's input features, minimising the
     mean of this loss trains the discriminator and pushes the encoders adversarially.
@@ -530,6 +568,8 @@ def modality_adversarial_loss(logits_txt: Any, logits_mol: Any, *, where: Any = 
       logits_txt: float [B] or [B, 1] discriminator logits on text features.
       logits_mol: float [B] or [B, 1] discriminator logits on molecule features.
       where: optional bool [B] mask of valid pairs.
+      label_smoothing: ε in [0, 0.5); 0 (default) is the plain cross-entropy, computed
+        exactly as before the option existed.
 
     Returns:
       float [2B]: text losses then molecule losses; 0 for masked pairs. Reduce with
@@ -540,8 +580,11 @@ def modality_adversarial_loss(logits_txt: Any, logits_mol: Any, *, where: Any = 
       >>> print(modality_adversarial_loss(jnp.zeros(1), jnp.zeros((1, 1))))
       [0.6931472 0.6931472]
 
-    Reference: Ganin & Lempitsky, ICML 2015.
+    Reference: Ganin & Lempitsky, ICML 2015; Salimans et al., "Improved Techniques for
+    Training GANs", NeurIPS 2016 (label smoothing of a discriminator).
     """
+    if isinstance(label_smoothing, int | float) and not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
     logits_txt = _check_logits(logits_txt, "logits_txt")
     logits_mol = _check_logits(logits_mol, "logits_mol")
     if logits_txt.shape != logits_mol.shape:
@@ -552,7 +595,12 @@ def modality_adversarial_loss(logits_txt: Any, logits_mol: Any, *, where: Any = 
     valid = _check_where(where, logits_txt.shape[0])
     logits_txt = _zero_invalid_rows(logits_txt, valid)
     logits_mol = _zero_invalid_rows(logits_mol, valid)
-    loss = jnp.concatenate([jax.nn.softplus(-logits_txt), jax.nn.softplus(logits_mol)])
+    # Signed logits: positive = the right modality. [2B]
+    signed = jnp.concatenate([logits_txt, -logits_mol])
+    loss = jax.nn.softplus(-signed)
+    if not (isinstance(label_smoothing, int | float) and label_smoothing == 0):
+        epsilon = jnp.asarray(label_smoothing, signed.dtype)
+        loss = (1.0 - epsilon) * loss + epsilon * jax.nn.softplus(signed)
     return jnp.where(jnp.concatenate([valid, valid]), loss, 0.0)
 
 
@@ -691,6 +739,7 @@ def cmtmr_loss(
     u2c_weight: Any = 1.0,
     adversary: str = "grl",
     adv_weight: Any = None,
+    disc_label_smoothing: Any = 0.0,
     disc_logits_txt: Any = None,
     disc_logits_mol: Any = None,
     critic_logits_fake: Any = None,
@@ -729,6 +778,7 @@ def cmtmr_loss(
       adversary: `'grl'`, `'wgan_gp'` or `'none'`.
       adv_weight: weight of the adversarial term; None means 1.0 for `'grl'` and the official
         2e-4 for `'wgan_gp'`.
+      disc_label_smoothing: ε of `modality_adversarial_loss` for `'grl'` (0: none).
       disc_logits_txt: float [B] or [B, 1], required for `'grl'`.
       disc_logits_mol: float [B] or [B, 1], required for `'grl'`.
       critic_logits_fake: float [B] or [B, 1] critic values on molecule features, required
@@ -788,7 +838,9 @@ def cmtmr_loss(
         terms[name] = masked_mean(per_row, valid)
 
     if adversary == "grl":
-        bce = modality_adversarial_loss(disc_logits_txt, disc_logits_mol, where=valid)
+        bce = modality_adversarial_loss(
+            disc_logits_txt, disc_logits_mol, where=valid, label_smoothing=disc_label_smoothing
+        )
         terms["adversarial"] = masked_mean(bce, valid_twice)
         # Text is class 1, molecule class 0: a positive signed logit is a correct call.
         signed_logits = jnp.concatenate(

@@ -433,6 +433,9 @@ MASKED_FNS = {
     "modality_bce": lambda a, b, where=None: losses.modality_adversarial_loss(
         a[:, 0], b[:, 1], where=where
     ),
+    "modality_bce_smoothed": lambda a, b, where=None: losses.modality_adversarial_loss(
+        a[:, 0], b[:, 1], where=where, label_smoothing=0.2
+    ),
 }
 
 
@@ -713,3 +716,102 @@ def test_input_checks_raise_clear_errors():
     # the checks fire while tracing, i.e. under jit too
     with pytest.raises(ValueError, match=r"same number of pairs"):
         jax.jit(losses.batch_hard_triplet)(z, jnp.ones((3, 3)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Adversary options: the DANN reversal schedule and discriminator label smoothing.
+# ---------------------------------------------------------------------------------------------
+
+
+def test_dann_grl_scale_values_and_schedule():
+    # λ(p) = 2 / (1 + exp(−γ p)) − 1, the formula of Ganin & Lempitsky (2015)
+    def by_hand(p, gamma):
+        return 2.0 / (1.0 + math.exp(-gamma * p)) - 1.0
+
+    schedule = jax.jit(losses.dann_grl_scale)
+    assert float(schedule(0.0, 10.0)) == 0.0  # exactly: no adversarial gradient at the start
+    for gamma in (10.0, 3.0):
+        for p in (0.01, 0.1, 0.25, 0.5, 1.0):
+            np.testing.assert_allclose(schedule(p, gamma), by_hand(p, gamma), rtol=1e-6)
+    np.testing.assert_allclose(schedule(1.0, 10.0), 0.9999092, rtol=1e-6)
+    ramp = np.asarray(schedule(jnp.linspace(0.0, 1.0, 101), 10.0))
+    assert ramp.dtype == np.float32 and np.all(np.diff(ramp) > 0) and ramp[-1] < 1.0
+    with pytest.raises(ValueError, match=r"gamma must be positive"):
+        losses.dann_grl_scale(0.5, 0.0)
+
+
+def test_modality_adversarial_loss_label_smoothing_values_and_gradients():
+    eps = 0.1
+    logits_txt = jnp.array([0.0, 2.0, -1.5])
+    logits_mol = jnp.array([0.0, -3.0, 0.7])
+    loss = jax.jit(functools.partial(losses.modality_adversarial_loss, label_smoothing=eps))(
+        logits_txt, logits_mol
+    )
+
+    def softplus(x):
+        return math.log1p(math.exp(x))
+
+    expected = [(1 - eps) * softplus(-lt) + eps * softplus(lt) for lt in [0.0, 2.0, -1.5]]
+    expected += [(1 - eps) * softplus(lm) + eps * softplus(-lm) for lm in [0.0, -3.0, 0.7]]
+    np.testing.assert_allclose(loss, expected, rtol=1e-6)
+
+    # d loss / d logit = σ(l) − target with targets 1 − ε (text) and ε (molecule)
+    grad_txt, grad_mol = jax.grad(
+        lambda a, b: jnp.sum(losses.modality_adversarial_loss(a, b, label_smoothing=eps)),
+        argnums=(0, 1),
+    )(logits_txt, logits_mol)
+    np.testing.assert_allclose(grad_txt, jax.nn.sigmoid(logits_txt) - (1 - eps), rtol=1e-5)
+    np.testing.assert_allclose(grad_mol, jax.nn.sigmoid(logits_mol) - eps, rtol=1e-5, atol=1e-7)
+    # the optimum is the finite logit ±log((1 − ε) / ε): no gradient there
+    optimum = math.log((1 - eps) / eps)
+    at_optimum = jax.grad(
+        lambda a, b: jnp.sum(losses.modality_adversarial_loss(a, b, label_smoothing=eps)),
+        argnums=(0, 1),
+    )(jnp.array([optimum]), jnp.array([-optimum]))
+    np.testing.assert_allclose(at_optimum, [[0.0], [0.0]], atol=1e-6)
+    # ε = 0 is the plain cross-entropy, bit for bit; a traced ε works
+    plain = losses.modality_adversarial_loss(logits_txt, logits_mol)
+    np.testing.assert_array_equal(
+        losses.modality_adversarial_loss(logits_txt, logits_mol, label_smoothing=0.0), plain
+    )
+    traced = jax.jit(
+        lambda e: losses.modality_adversarial_loss(logits_txt, logits_mol, label_smoothing=e)
+    )(jnp.float32(eps))
+    np.testing.assert_allclose(traced, expected, rtol=1e-6)
+    for bad in (-0.1, 0.5):
+        with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 0.5\)"):
+            losses.modality_adversarial_loss(logits_txt, logits_mol, label_smoothing=bad)
+
+
+def test_cmtmr_loss_passes_discriminator_label_smoothing_under_a_mask():
+    z_txt, z_mol = _random_pairs(33)
+    where = jnp.asarray(WHERE6)
+    logits_txt = _with_garbage(jnp.array([2.0, -1.0, 0.5, 3.0, -0.2, 1.0])[:, None], where, 1e4)
+    logits_mol = _with_garbage(jnp.array([-2.0, -1.0, 0.5, 1.0, -0.2, -3.0])[:, None], where, 1e4)
+
+    def total(logits_txt, logits_mol, smoothing):
+        return losses.cmtmr_loss(
+            z_txt,
+            z_mol,
+            where=where,
+            adv_weight=0.5,
+            disc_label_smoothing=smoothing,
+            disc_logits_txt=logits_txt,
+            disc_logits_mol=logits_mol,
+        )
+
+    loss, terms = total(logits_txt, logits_mol, 0.2)
+    plain_loss, plain_terms = total(logits_txt, logits_mol, 0.0)
+    valid = np.flatnonzero(WHERE6)
+    smoothed = losses.modality_adversarial_loss(
+        logits_txt[valid], logits_mol[valid], label_smoothing=0.2
+    )
+    np.testing.assert_allclose(terms["adversarial"], jnp.mean(smoothed), rtol=1e-6)
+    np.testing.assert_allclose(
+        loss - plain_loss, 0.5 * (terms["adversarial"] - plain_terms["adversarial"]), rtol=1e-5
+    )
+    assert terms["disc_accuracy"] == plain_terms["disc_accuracy"]  # smoothing moves no call
+    grads = jax.grad(lambda a, b: total(a, b, 0.2)[0], argnums=(0, 1))(logits_txt, logits_mol)
+    for g in grads:
+        assert np.all(np.isfinite(g))
+        np.testing.assert_array_equal(np.asarray(g)[~WHERE6], 0.0)  # masked logits: no gradient
