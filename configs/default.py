@@ -73,6 +73,17 @@ def get_config() -> ml_collections.ConfigDict:
     config.loss.u2c_weight = 1.0
     config.loss.adversary = "grl"  # "grl" (gradient reversal), "wgan_gp" (official) or "none"
     config.loss.adv_weight = 2e-4  # official GAN weight; applied to the GRL BCE as well
+    # Levers of the adversary (docs/results.md); the defaults keep the behaviour above. With
+    # 'grl' the encoders get −adv_weight·scale·∇BCE and the discriminator +adv_weight·∇BCE.
+    # Reversal scale = model.grl_scale × (1 for "constant"; for "dann", the DANN ramp
+    # 2/(1+exp(−grl_gamma·p))−1 with p = step/num_steps, 0 at the start → 1 at the end).
+    config.loss.grl_schedule = "constant"  # or "dann" ('grl' only)
+    config.loss.grl_gamma = 10.0  # steepness of the "dann" ramp
+    # Discriminator targets 1−ε (text) and ε (molecule) instead of 1 and 0 ('grl' only).
+    config.loss.disc_label_smoothing = 0.0
+    # What the discriminator / critic sees: "pooled" (official: the pre-memory pooled encoder
+    # features e_t, e_m) or "embeddings" (the final unit embeddings that retrieval ranks).
+    config.loss.adv_features = "pooled"
     config.loss.gp_weight = 10.0
     config.loss.critic_lr = 1e-4
 

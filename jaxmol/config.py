@@ -21,6 +21,8 @@ _CHOICES = {
     "loss.kl_similarity": ("distance", "neg_distance"),
     "loss.kl_metric": ("euclidean", "cosine"),
     "loss.adversary": ("grl", "wgan_gp", "none"),
+    "loss.grl_schedule": ("constant", "dann"),
+    "loss.adv_features": ("pooled", "embeddings"),
     "data.on_invalid": ("error", "skip"),
     "optim.schedule": ("warmup_linear", "constant"),
 }
@@ -40,6 +42,7 @@ _POSITIVE = (
     "model.embed_dim",
     "model.num_memory",
     "model.num_heads",
+    "loss.grl_gamma",
 )
 _NON_NEGATIVE = (
     "optim.lr",
@@ -92,6 +95,23 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
             f"config.data.text_buckets={tuple(buckets)} must be ascending and end at >= "
             f"config.data.max_text_length={config.data.max_text_length}"
         )
+    smoothing = config.loss.disc_label_smoothing
+    if not 0.0 <= smoothing < 0.5:
+        raise ConfigError(
+            f"config.loss.disc_label_smoothing must be in [0, 0.5), got {smoothing!r}"
+        )
+    # Options of the gradient-reversal adversary only: refused elsewhere, so that a run never
+    # records a setting that did nothing.
+    if config.loss.adversary != "grl":
+        for key, inert in (
+            ("grl_schedule", config.loss.grl_schedule == "constant"),
+            ("disc_label_smoothing", smoothing == 0.0),
+        ):
+            if not inert:
+                raise ConfigError(
+                    f"config.loss.{key}={config.loss[key]!r} applies only to "
+                    f"config.loss.adversary='grl', got {config.loss.adversary!r}"
+                )
     if not config.best_metric.startswith("val/"):
         raise ConfigError(f"config.best_metric={config.best_metric!r} must start with 'val/'")
 

@@ -242,7 +242,9 @@ def train(run: TrainRun) -> tuple[TrainState, int]:
         finite checkpoint is saved).
     """
     config, runner = run.config, run.runner
-    train_step = compile_train_step(runner, config, run.model, run.tx, run.critic_tx)
+    train_step = compile_train_step(
+        runner, config, run.model, run.tx, run.critic_tx, total_steps=run.total_steps
+    )
     state = runner.replicate(run.state)
     log = MetricsLog(run.workdir / "metrics.jsonl", enabled=distributed.is_primary())
     step = int(run.state.step)

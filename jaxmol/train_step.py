@@ -5,7 +5,9 @@ and head, the adversary, `jaxmol.losses.cmtmr_loss` on the *global* batch (embed
 all-gathered over the 'data' axis, so negatives come from every device), gradient averaging,
 the optax update and the BatchNorm statistics. With ``loss.adversary='wgan_gp'`` the same program
 first updates the critic (its own Adam) on stop-gradient features, then computes the generator
-term with the updated critic, the order of the official code.
+term with the updated critic, the order of the official code. With ``loss.adversary='grl'`` the
+discriminator reads gradient-reversed features, reversed with the scale of `grl_scale_at` (the
+``loss.grl_schedule`` of the step).
 
 `compile_train_step` turns the per-device step into the callable that training, the benchmark
 and the tests run.
@@ -207,6 +209,81 @@ def _merge_strict(initialised: Any, pretrained: Any) -> Any:
 
 
 # ----------------------------------------------------------------------------------------------
+# The adversary.
+
+
+def grl_scale_at(
+    config: ml_collections.ConfigDict, step: Any, total_steps: int | None
+) -> jax.Array:
+    """The gradient-reversal scale of the step that starts at `step` steps taken.
+
+    ``model.grl_scale`` times 1 (``loss.grl_schedule='constant'``) or times the DANN ramp
+    `jaxmol.losses.dann_grl_scale` of the progress p = step / total_steps with
+    γ = ``loss.grl_gamma`` (``'dann'``): 0 at the first step, 0.9999 (γ = 10) at the end.
+
+    Args:
+      config: the run config (keys missing from older configs take the defaults).
+      step: int scalar (may be traced), optimiser steps taken before this one.
+      total_steps: steps of the whole run; required for ``'dann'``.
+
+    Returns:
+      float32 scalar.
+    """
+    loss_cfg = config.loss
+    base = jnp.asarray(config.model.grl_scale, jnp.float32)
+    if loss_cfg.get("grl_schedule", "constant") == "constant":
+        return base
+    if not total_steps or total_steps <= 0:
+        raise ValueError("loss.grl_schedule='dann' needs the run's total_steps (> 0)")
+    progress = jnp.asarray(step, jnp.float32) / float(total_steps)
+    return base * losses.dann_grl_scale(progress, loss_cfg.get("grl_gamma", 10.0))
+
+
+def adversary_features(
+    config: ml_collections.ConfigDict, z_txt: jax.Array, z_mol: jax.Array, extras: dict
+) -> tuple[jax.Array, jax.Array]:
+    """What the discriminator / critic reads (``loss.adv_features``), each [b, d]: the
+    pre-memory pooled features e_t, e_m (``'pooled'``, official) or the final unit embeddings
+    z_t, z_m (``'embeddings'``)."""
+    if config.loss.get("adv_features", "pooled") == "embeddings":
+        return z_txt, z_mol
+    return extras["pooled_txt"], extras["pooled_mol"]
+
+
+def grl_discriminator_logits(
+    model: RetrievalModel,
+    params: Any,
+    features_txt: jax.Array,
+    features_mol: jax.Array,
+    scale: Any,
+) -> tuple[jax.Array, jax.Array]:
+    """Discriminator logits of gradient-reversed features.
+
+    Forward: ``discriminator(features)``. Backward: the discriminator's parameters get the
+    plain gradient of the loss on these logits, the features (hence the encoders) −scale
+    times theirs (`jaxmol.losses.gradient_reversal`).
+
+    Args:
+      model: the `RetrievalModel` (only its discriminator is applied).
+      params: the model parameters (at least ``{'discriminator': ...}``).
+      features_txt: float [b, d] text features.
+      features_mol: float [b, d] molecule features.
+      scale: float scalar reversal scale (may be traced, e.g. `grl_scale_at`).
+
+    Returns:
+      (logits_txt [b], logits_mol [b]).
+    """
+
+    def discriminate(features: jax.Array) -> jax.Array:
+        reversed_features = losses.gradient_reversal(features, scale)
+        return model.apply(
+            {"params": params}, reversed_features, method=RetrievalModel.discriminate
+        )
+
+    return discriminate(features_txt), discriminate(features_mol)
+
+
+# ----------------------------------------------------------------------------------------------
 # The per-device train step.
 
 
@@ -230,14 +307,18 @@ def make_train_step(
     critic_tx: optax.GradientTransformation | None,
     *,
     return_grads: bool = False,
+    total_steps: int | None = None,
 ):
     """The per-device step `(state, chunk) -> (state, metrics)` over the device axis 'data'.
 
     With `return_grads`, metrics also holds the averaged gradient tree under 'grads' (tests).
+    `total_steps` (the run's steps) is needed by ``loss.grl_schedule='dann'`` only.
     """
     model = with_compute_dtype(model, config)
     loss_cfg = config.loss
     adversary = loss_cfg.adversary
+    if adversary == "grl":
+        grl_scale_at(config, 0, total_steps)  # fails now, not inside the trace
 
     def gather(x):
         return lax.all_gather(x, AXIS, tiled=True)  # [b, ...] -> [B, ...]
@@ -248,6 +329,7 @@ def make_train_step(
         dropout_key = jax.random.fold_in(jax.random.fold_in(key, 1), lax.axis_index(AXIS))
         gp_key = jax.random.fold_in(key, 2)
         pair_mask = gather(chunk["pair_mask"])  # [B]
+        grl_scale = grl_scale_at(config, state.step, total_steps) if adversary == "grl" else None
 
         def loss_fn(params):
             (z_txt, z_mol, extras), updated = model.apply(
@@ -261,14 +343,19 @@ def make_train_step(
             )
             adversary_inputs: dict = {}
             critic_out: tuple = ()
+            features = adversary_features(config, z_txt, z_mol, extras)
             if adversary == "grl":
+                logits_txt, logits_mol = grl_discriminator_logits(
+                    model, params, *features, grl_scale
+                )
                 adversary_inputs = dict(
-                    disc_logits_txt=gather(extras["disc_logits_txt"]),
-                    disc_logits_mol=gather(extras["disc_logits_mol"]),
+                    disc_logits_txt=gather(logits_txt),
+                    disc_logits_mol=gather(logits_mol),
+                    disc_label_smoothing=loss_cfg.get("disc_label_smoothing", 0.0),
                 )
             elif adversary == "wgan_gp":
                 critic_out, critic_logits_fake = _wgan_critic_update(
-                    model, critic_tx, state, params, extras, gather, pair_mask, gp_key, loss_cfg
+                    model, critic_tx, state, params, features, gather, pair_mask, gp_key, loss_cfg
                 )
                 adversary_inputs = dict(critic_logits_fake=critic_logits_fake)
             loss, terms = losses.cmtmr_loss(
@@ -288,6 +375,8 @@ def make_train_step(
                 **adversary_inputs,
             )
             terms["temperature"] = extras["temperature"]
+            if adversary == "grl":
+                terms["grl_scale"] = grl_scale
             return loss, (terms, updated["batch_stats"], critic_out)
 
         (loss, (terms, batch_stats, critic_out)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -323,11 +412,13 @@ def make_train_step(
     return step
 
 
-def _wgan_critic_update(model, critic_tx, state, params, extras, gather, pair_mask, key, cfg):
+def _wgan_critic_update(model, critic_tx, state, params, features, gather, pair_mask, key, cfg):
     """Official order: update the critic on stop-gradient features, then score the molecule
-    features (with gradient) with the updated, stop-gradient critic."""
-    real = gather(lax.stop_gradient(extras["pooled_txt"]))  # [B, d]
-    fake = gather(lax.stop_gradient(extras["pooled_mol"]))  # [B, d]
+    features (with gradient) with the updated, stop-gradient critic. `features` are the
+    (text, molecule) features of `adversary_features`, [b, d] each."""
+    features_txt, features_mol = features
+    real = gather(lax.stop_gradient(features_txt))  # [B, d]
+    fake = gather(lax.stop_gradient(features_mol))  # [B, d]
     critic_params = lax.stop_gradient(params["discriminator"])
 
     def critic_fn(cp, x):
@@ -353,7 +444,7 @@ def _wgan_critic_update(model, critic_tx, state, params, extras, gather, pair_ma
         critic_grads, state.critic_opt_state, critic_params
     )
     new_critic = lax.stop_gradient(optax.apply_updates(critic_params, updates))
-    critic_logits_fake = critic_fn(new_critic, gather(extras["pooled_mol"]))  # [B]
+    critic_logits_fake = critic_fn(new_critic, gather(features_mol))  # [B]
     return (new_critic, critic_opt_state, {"critic_loss": critic_loss}), critic_logits_fake
 
 
@@ -366,15 +457,19 @@ def compile_train_step(
     *,
     return_grads: bool = False,
     donate_state: bool = True,
+    total_steps: int | None = None,
 ) -> Callable:
     """The train step over all devices of `runner`: `(state, sharded batch) -> (state, metrics)`.
 
     The state is in the runner's replicated layout (`runner.replicate`), the batch in its
     split layout (`runner.shard`); both outputs are replicated. With `donate_state` the old
     state's buffers are reused for the new one (do not touch it after the call).
+    `total_steps` (the run's steps) is needed by ``loss.grl_schedule='dann'`` only.
     """
     return runner.run(
-        make_train_step(config, model, tx, critic_tx, return_grads=return_grads),
+        make_train_step(
+            config, model, tx, critic_tx, return_grads=return_grads, total_steps=total_steps
+        ),
         replicated_args=(0,),
         out_kinds=("replicated", "replicated"),
         donate_argnums=(0,) if donate_state else (),
