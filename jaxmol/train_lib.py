@@ -27,6 +27,7 @@ from jaxmol import builders, checkpointing, distributed, evaluation, scoring
 from jaxmol.config import ConfigError, validate_config
 from jaxmol.data import batching, datasets
 from jaxmol.data.encoding import EncodedSplit, SplitEncoder
+from jaxmol.metrics import modality_gap
 from jaxmol.models.retrieval import RetrievalModel, count_params
 from jaxmol.parallel import DataParallel, select_devices
 from jaxmol.train_step import (
@@ -468,7 +469,9 @@ def _check_finite(pending: list, runner: DataParallel) -> dict:
 
 
 def _validate(run: TrainRun, state: TrainState) -> dict:
-    """Pool-protocol metrics of the validation split, flattened as 'val/<dir>/<metric>'."""
+    """Pool-protocol metrics of the validation split, flattened as 'val/<dir>/<metric>', and
+    the modality gap of its embeddings (`jaxmol.metrics.modality_gap`) as
+    'val/modality_gap/<quantity>'."""
     variables = run.runner.unreplicate(state).eval_variables()
     text_emb, mol_emb = run.embedder.embed_split(
         variables, run.val_split, batch_size=run.config.eval_batch_size
@@ -481,6 +484,10 @@ def _validate(run: TrainRun, state: TrainState) -> dict:
         if isinstance(v, (int, float))
     }
     flat["val/mean_mrr"] = 0.5 * (result["t2m"]["mrr"] + result["m2t"]["mrr"])
+    if len(text_emb) >= 2 and len(text_emb) == len(mol_emb):
+        gap = modality_gap(text_emb, mol_emb)
+        for key in ("paired_mean", "unpaired_mean", "gap", "ratio", "centroid_distance"):
+            flat[f"val/modality_gap/{key}"] = gap[key]
     return flat
 
 

@@ -576,3 +576,52 @@ def test_inbatch_accuracy_validation():
 def test_module_does_not_import_jax():
     code = "import sys, jaxmol.metrics; assert 'jax' not in sys.modules, 'jax was imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+
+
+# Modality gap (paired vs unpaired text–molecule distances).
+
+
+def test_modality_gap_by_hand():
+    # Unit rows: t = (e0, e1, e0); m = (e0, e0, e1). Paired distances 0, √2, √2.
+    # Unpaired (i != j): d(t0,m1)=0, d(t0,m2)=√2, d(t1,m0)=√2, d(t1,m2)=0, d(t2,m0)=0,
+    # d(t2,m1)=0 -> mean √2/3. Centroids (2/3, 1/3) and (2/3, 1/3) coincide.
+    e0, e1 = [1.0, 0.0], [0.0, 1.0]
+    gap = metrics.modality_gap(np.array([e0, e1, e0]), 3.0 * np.array([e0, e0, e1]))
+    root2 = np.sqrt(2.0)
+    assert gap["paired_mean"] == pytest.approx(2 * root2 / 3)
+    assert gap["unpaired_mean"] == pytest.approx(2 * root2 / 6)
+    assert gap["gap"] == pytest.approx(2 * root2 / 6 - 2 * root2 / 3)
+    assert gap["ratio"] == pytest.approx(2.0)
+    assert gap["centroid_distance"] == pytest.approx(0.0, abs=1e-7)
+    assert gap["num_pairs"] == 3
+    assert all(isinstance(gap[k], float) for k in gap if k != "num_pairs")
+
+
+def test_modality_gap_matches_loops_chunked_and_shifted_clouds():
+    rng = np.random.default_rng(0)
+    texts = rng.standard_normal((7, 5))
+    mols = texts + 0.3 * rng.standard_normal((7, 5))
+    unit_t = texts / np.linalg.norm(texts, axis=1, keepdims=True)
+    unit_m = mols / np.linalg.norm(mols, axis=1, keepdims=True)
+    unpaired = [np.linalg.norm(unit_t[i] - unit_m[j]) for i in range(7) for j in range(7) if i != j]
+    for chunk_size in (1, 3, 2048):
+        gap = metrics.modality_gap(texts, mols, chunk_size=chunk_size)
+        assert gap["paired_mean"] == pytest.approx(np.linalg.norm(unit_t - unit_m, axis=1).mean())
+        assert gap["unpaired_mean"] == pytest.approx(np.mean(unpaired), rel=1e-6)
+        assert gap["gap"] > 0  # pairs are closer than non-pairs here
+    # Identical modalities: no paired distance, no centroid gap.
+    same = metrics.modality_gap(texts, texts)
+    assert same["paired_mean"] == pytest.approx(0.0, abs=1e-6)
+    assert same["centroid_distance"] == pytest.approx(0.0, abs=1e-6)
+    # Molecules in their own region (a constant offset): the centroid distance grows.
+    shifted = metrics.modality_gap(texts, texts + 5.0)
+    assert shifted["centroid_distance"] > 0.5 and shifted["ratio"] > 0.5
+
+
+def test_modality_gap_validation():
+    with pytest.raises(ValueError, match="aligned pairs"):
+        metrics.modality_gap(np.ones((3, 2)), np.ones((4, 2)))
+    with pytest.raises(ValueError, match="at least 2 pairs"):
+        metrics.modality_gap(np.ones((1, 2)), np.ones((1, 2)))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        metrics.modality_gap(np.array([[1.0, np.nan], [0.0, 1.0]]), np.ones((2, 2)))
