@@ -5,12 +5,14 @@ every subprocess is bounded by a timeout. The reference is the session's in-proc
 (`trained_run`: 1 process, 8 devices, shard_map) with the same config.
 """
 
+import dataclasses
 import json
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -97,12 +99,98 @@ def _test_metrics(workdir) -> dict:
     }
 
 
+def _checkpoint_steps(workdir) -> list[int]:
+    directory = workdir / "checkpoints"
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+
+def _wait_for_checkpoint_beyond(workdir, step, processes):
+    deadline = time.monotonic() + TIMEOUT_S
+    while not [s for s in _checkpoint_steps(workdir) if s > step]:
+        for process in processes:
+            assert process.poll() is None, process.stdout.read()[-3000:]
+        assert time.monotonic() < deadline, f"no checkpoint beyond step {step} appeared"
+        time.sleep(0.05)
+
+
+def _communicate_all(processes, timeout):
+    outputs = []
+    try:
+        for process in processes:
+            outputs.append(process.communicate(timeout=timeout)[0])
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+    return outputs
+
+
+@dataclasses.dataclass
+class InterruptedRun:
+    """What the 2-process run went through (see `two_process_run`)."""
+
+    workdir: Path
+    sigterm_statuses: list
+    sigterm_outputs: list
+    saved_by_signal: int
+    survivor_status: int
+    survivor_output: str
+    survivor_took_s: float
+    saved_before_kill: int
+    at_kill: Path  # a copy of the workdir right after the kill
+    final: subprocess.CompletedProcess  # the launcher run that resumed it to the end
+
+
 @pytest.fixture(scope="module")
-def two_process_run(tmp_path_factory):
-    """The in-process run's config trained by 2 processes x 4 devices (shard_map)."""
-    workdir = tmp_path_factory.mktemp("two_by_four")
-    result = _launch(workdir)
-    return workdir, result
+def two_process_run(tmp_path_factory) -> InterruptedRun:
+    """The in-process run's config trained by 2 processes x 4 devices, interrupted twice and
+    resumed to the end, the way a preempted pod job lives:
+
+    1. started by hand with the shard_map runner; SIGTERM to process 1 after the first
+       checkpoint: both agree to stop, save once and exit 0;
+    2. started again (it resumes); SIGKILL of process 1 after the next checkpoint: the survivor
+       must end with an error within the heartbeat timeout instead of hanging;
+    3. resumed to the end through `jaxmol.launch` with the pmap runner.
+
+    Every step is therefore trained by one of the runners over 2 processes, and the final state
+    must equal the uninterrupted 1 x 8 reference run."""
+    workdir = tmp_path_factory.mktemp("two_by_four") / "run"
+    heartbeat = f"--config.heartbeat_timeout_s={HEARTBEAT_S}"
+    address = f"127.0.0.1:{free_port()}"
+    processes = [_start_process(i, address, workdir, heartbeat) for i in range(2)]
+    _wait_for_checkpoint_beyond(workdir, 0, processes)
+    processes[1].send_signal(signal.SIGTERM)
+    sigterm_outputs = _communicate_all(processes, timeout=TIMEOUT_S)
+    sigterm_statuses = [p.returncode for p in processes]
+    saved_by_signal = _checkpoint_steps(workdir)[-1]
+
+    address = f"127.0.0.1:{free_port()}"
+    processes = [_start_process(i, address, workdir, heartbeat) for i in range(2)]
+    _wait_for_checkpoint_beyond(workdir, saved_by_signal, processes)
+    processes[1].send_signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    survivor_output = _communicate_all(processes[:1], timeout=HEARTBEAT_S + 120)[0]
+    survivor_took_s = time.monotonic() - killed_at
+    _communicate_all(processes[1:], timeout=60)
+    saved_before_kill = _checkpoint_steps(workdir)[-1]
+    at_kill = workdir.parent / "at_kill"
+    shutil.copytree(workdir, at_kill)
+
+    final = _launch(workdir, "--config.parallel=pmap")
+    return InterruptedRun(
+        workdir=workdir,
+        sigterm_statuses=sigterm_statuses,
+        sigterm_outputs=sigterm_outputs,
+        saved_by_signal=saved_by_signal,
+        survivor_status=processes[0].returncode,
+        survivor_output=survivor_output,
+        survivor_took_s=survivor_took_s,
+        saved_before_kill=saved_before_kill,
+        at_kill=at_kill,
+        final=final,
+    )
 
 
 def _assert_like_the_reference(workdir, reference, atol):
@@ -124,21 +212,68 @@ def _assert_like_the_reference(workdir, reference, atol):
 
 
 @pytest.mark.slow
+def test_sigterm_to_one_process_stops_both_with_one_checkpoint(two_process_run):
+    run = two_process_run
+    assert run.sigterm_statuses == [0, 0], run.sigterm_outputs
+    assert run.saved_by_signal < conftest.IN_PROCESS_STEPS
+    saved = f"interrupted: saved a checkpoint at step {run.saved_by_signal}"
+    assert saved in run.sigterm_outputs[0]
+
+
+@pytest.mark.slow
+def test_a_dead_process_ends_the_survivor_with_an_error_not_a_hang(two_process_run):
+    run = two_process_run
+    assert run.survivor_status not in (0, None)
+    output = run.survivor_output
+    assert "stopped sending heartbeats" in output or "unhealthy" in output, output[-3000:]
+    assert run.survivor_took_s < HEARTBEAT_S + 60
+    assert run.saved_by_signal < run.saved_before_kill < conftest.IN_PROCESS_STEPS
+
+
+@pytest.mark.slow
 def test_two_processes_train_like_one_process_with_eight_devices(trained_run, two_process_run):
-    """shard_map over 2 processes x 4 devices; pmap is compared in the resume test below."""
+    """Steps trained by shard_map and by pmap over 2 processes x 4 devices, across two
+    interruptions, against the uninterrupted 1 x 8 run."""
     reference, _ = trained_run
-    workdir, result = two_process_run
+    run = two_process_run
+    result = run.final
+    assert f"resumed from step {run.saved_before_kill}" in result.stdout + result.stderr
     # Only process 0 talks: one table, files written once.
     assert result.stdout.count("pcdes/test  pool") == 2  # t2m and m2t rows, from one process
     assert "[1] split" not in result.stdout and "[0] split" in result.stdout
     # Every loss term, negative and BatchNorm statistic spanned the global batch, and the
     # end-of-run evaluation embedded over all 8 devices of both processes.
-    _assert_like_the_reference(workdir, reference, atol=1e-5)
+    _assert_like_the_reference(run.workdir, reference, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_the_killed_run_resumes_on_one_process_to_the_parameters_of_two(
+    trained_run, two_process_run
+):
+    """The checkpoint written by 2 processes at the kill, resumed by 1 process x 8 devices,
+    ends where the 2-process resumption and the uninterrupted 1 x 8 run end."""
+    reference, _ = trained_run
+    run = two_process_run
+    result = subprocess.run(
+        conftest.train_command(run.at_kill, *SAME_AS_IN_PROCESS, "--config.data.test_splits=()"),
+        env=conftest.subprocess_env(devices=8),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed from step {run.saved_before_kill}" in result.stderr
+    step, variables = _variables(run.at_kill)
+    assert step == conftest.IN_PROCESS_STEPS
+    for other in (run.workdir, reference):
+        _, expected = _variables(other)
+        _assert_trees_close(variables, expected, atol=1e-6)
 
 
 @pytest.mark.slow
 def test_evaluate_on_one_device_or_two_processes_reproduces_the_run_evaluation(two_process_run):
-    workdir, _ = two_process_run
+    workdir = two_process_run.workdir
     written = _test_metrics(workdir)
     evaluate = [
         str(REPO / "evaluate.py"),
@@ -186,7 +321,7 @@ def test_evaluate_on_one_device_or_two_processes_reproduces_the_run_evaluation(t
 
 @pytest.mark.slow
 def test_a_two_process_checkpoint_restores_for_training_on_one_device(two_process_run, tmp_path):
-    workdir, _ = two_process_run
+    workdir = two_process_run.workdir
     copy = tmp_path / "copy"
     shutil.copytree(workdir, copy)
     config = conftest.in_process_config()
@@ -200,94 +335,6 @@ def test_a_two_process_checkpoint_restores_for_training_on_one_device(two_proces
         _assert_trees_close(jax.device_get(run.state.params), expected["params"], atol=0)
     finally:
         run.lock.release()
-
-
-def _checkpoint_steps(workdir) -> list[int]:
-    directory = workdir / "checkpoints"
-    if not directory.is_dir():
-        return []
-    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
-
-
-def _wait_for_checkpoint_beyond(workdir, step, processes):
-    deadline = time.monotonic() + TIMEOUT_S
-    while not [s for s in _checkpoint_steps(workdir) if s > step]:
-        for process in processes:
-            assert process.poll() is None, process.stdout.read()[-3000:]
-        assert time.monotonic() < deadline, f"no checkpoint beyond step {step} appeared"
-        time.sleep(0.05)
-
-
-def _communicate_all(processes, timeout):
-    outputs = []
-    try:
-        for process in processes:
-            outputs.append(process.communicate(timeout=timeout)[0])
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-    return outputs
-
-
-@pytest.mark.slow
-def test_a_signal_stops_all_processes_and_a_dead_one_ends_the_other_then_the_run_resumes(
-    trained_run, two_process_run, tmp_path
-):
-    """SIGTERM to one process, then SIGKILL of one, then resumes: on 2 processes with the
-    pmap runner (which thereby trains 2 x 4 like 1 x 8 too), and on 1 process."""
-    reference, _ = trained_run
-    uninterrupted, _ = two_process_run
-    workdir = tmp_path / "run"
-    heartbeat = f"--config.heartbeat_timeout_s={HEARTBEAT_S}"
-    # SIGTERM to process 1 only: both agree to stop, save one checkpoint and exit (status 0).
-    address = f"127.0.0.1:{free_port()}"
-    processes = [_start_process(i, address, workdir, heartbeat) for i in range(2)]
-    _wait_for_checkpoint_beyond(workdir, 0, processes)
-    processes[1].send_signal(signal.SIGTERM)
-    outputs = _communicate_all(processes, timeout=TIMEOUT_S)
-    assert [p.returncode for p in processes] == [0, 0], outputs
-    saved_by_signal = _checkpoint_steps(workdir)[-1]
-    assert f"interrupted: saved a checkpoint at step {saved_by_signal}" in outputs[0]
-
-    # SIGKILL to process 1 after the next checkpoint: the survivor does not hang, it ends with
-    # an error saying that a process died.
-    address = f"127.0.0.1:{free_port()}"
-    processes = [_start_process(i, address, workdir, heartbeat) for i in range(2)]
-    _wait_for_checkpoint_beyond(workdir, saved_by_signal, processes)
-    processes[1].send_signal(signal.SIGKILL)
-    killed_at = time.monotonic()
-    output = _communicate_all(processes[:1], timeout=HEARTBEAT_S + 120)[0]
-    survivor_took = time.monotonic() - killed_at
-    _communicate_all(processes[1:], timeout=60)
-    assert processes[0].returncode != 0
-    assert "stopped sending heartbeats" in output or "unhealthy" in output, output[-3000:]
-    assert survivor_took < HEARTBEAT_S + 60
-    saved = _checkpoint_steps(workdir)
-    assert saved[-1] > saved_by_signal
-    one_process = tmp_path / "resumed_on_one_process"
-    shutil.copytree(workdir, one_process)
-
-    # Resumed on 2 processes (pmap), and separately on 1 process with 8 devices (shard_map):
-    # the parameters of the uninterrupted 2-process run.
-    result = _launch(workdir, "--config.parallel=pmap")
-    assert result.stdout.count("pcdes/test  pool") == 2 and "[1] split" not in result.stdout
-    _assert_like_the_reference(workdir, reference, atol=1e-5)
-    result = subprocess.run(
-        conftest.train_command(one_process, *SAME_AS_IN_PROCESS),
-        env=conftest.subprocess_env(devices=8),
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT_S,
-        cwd=REPO,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert f"resumed from step {saved[-1]}" in result.stderr
-    _, expected = _variables(uninterrupted)
-    for resumed in (workdir, one_process):
-        step, variables = _variables(resumed)
-        assert step == conftest.IN_PROCESS_STEPS
-        _assert_trees_close(variables, expected, atol=1e-6)
 
 
 @pytest.mark.slow
