@@ -37,6 +37,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -327,14 +328,25 @@ def run_status(run: Run) -> str:
     return "resume" if spec_path.exists() else "new"
 
 
-def _end_with_parent() -> None:
-    """In the child: on Linux, SIGTERM when this tool dies (even by SIGKILL)."""
+def _end_with_parent_hook():
+    """A `preexec_fn` that makes the child get SIGTERM when this tool dies (even by SIGKILL),
+    or None: off Linux, and in a multithreaded process (a test process that loaded JAX, whose
+    threads are native), where running Python code between fork and exec is not safe. The tool
+    itself starts no thread and never imports JAX. The C function is looked up here, in the
+    parent, so the child imports nothing."""
+    if threading.active_count() > 1 or "jax" in sys.modules:
+        return None
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
     except (OSError, AttributeError):
-        pass
+        return None
+
+    def end_with_parent() -> None:
+        prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+    return end_with_parent
 
 
 def train_once(run: Run, python: str) -> tuple[int, float, int | None]:
@@ -362,7 +374,7 @@ def train_once(run: Run, python: str) -> tuple[int, float, int | None]:
             stderr=subprocess.STDOUT,
             cwd=REPO,
             start_new_session=True,
-            preexec_fn=_end_with_parent,
+            preexec_fn=_end_with_parent_hook(),
         )
 
         def pass_on(signum, frame):
