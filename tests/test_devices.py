@@ -12,13 +12,14 @@ import sys
 import pytest
 
 from jaxmol import devices
+from tests import conftest
 
 HAVE_TRAIN_EXTRA = importlib.util.find_spec("ml_collections") is not None
 
 
 def _run(*args, devices_count=8):
     env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices_count}"
+    env["XLA_FLAGS"] = conftest.xla_flags(devices_count)
     env["JAX_PLATFORMS"] = "cpu"
     return subprocess.run(
         [sys.executable, "-m", "jaxmol.devices", *args],

@@ -16,6 +16,7 @@ import pytest
 
 from jaxmol import evaluation, scoring
 from jaxmol import metrics as metrics_lib
+from tests import conftest
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_PAIRS = 24
@@ -162,7 +163,7 @@ def test_evaluate_cli_on_one_device_matches_eight_devices(trained_workdir, tmp_p
     shutil.copy(npz_path, tmp_path / "eight.npz")
 
     # 1 device, through the CLI.
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env = {**os.environ, "XLA_FLAGS": conftest.xla_flags(1)}
     command = [sys.executable, str(ROOT / "evaluate.py"), f"--workdir={trained_workdir}"]
     command += ["--split=pcdes/test", "--protocol=pool", "--batch_size=6"]
     command += [f"--max_pairs={MAX_PAIRS}", "--plots"]

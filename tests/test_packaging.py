@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from tests import conftest
+
 requirements_mod = pytest.importorskip("packaging.requirements")
 Requirement = requirements_mod.Requirement
 
@@ -264,7 +266,7 @@ def _outside_env(tmp_path) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "JAXMOL_DATA_DIR")}
     env["JAXMOL_CACHE_DIR"] = str(tmp_path / "cache")
     env["HF_HUB_OFFLINE"] = "1"
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"  # packaging, not parallelism
+    env["XLA_FLAGS"] = conftest.xla_flags(1)  # packaging, not parallelism
     return env
 
 
