@@ -23,7 +23,7 @@ import pytest
 
 from jaxmol.search import readers
 from jaxmol.search.topk import ExactTopK, competition_ranks
-from tests import conftest
+from tests import conftest, topk_case
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_PAIRS = 40
@@ -146,71 +146,24 @@ def test_split_source_deduplicates_by_id_and_checks_texts():
 def test_exact_topk_matches_brute_force_with_ties_chunks_and_devices():
     import jax
 
-    rng = np.random.default_rng(0)
-    # Small integers: every dot product is exact in float32, so ties are exact and the order
-    # is fully determined (score descending, then row ascending).
-    library = rng.integers(-2, 3, size=(203, 8)).astype(np.float32)
-    library[50] = library[7]  # identical rows tie
-    queries = rng.integers(-2, 3, size=(5, 8)).astype(np.float32)
-    scores = queries @ library.T
-    order = np.lexsort((np.broadcast_to(np.arange(203), scores.shape), -scores), axis=1)
     engine = ExactTopK(jax.local_devices(), chunk_rows=48, query_batch=2)
     assert engine.num_devices == len(jax.local_devices())
-
-    def chunks(rows):
-        for start in range(0, len(library), rows):
-            yield library[start : start + rows], start
-
-    for k in (1, 7, 250):
-        got_scores, got_rows = engine.search(queries, chunks, k, num_rows=len(library))
-        k_out = min(k, len(library))
-        np.testing.assert_array_equal(got_rows, order[:, :k_out])
-        np.testing.assert_array_equal(got_scores, np.take_along_axis(scores, order, 1)[:, :k_out])
-    placed = engine.place(chunks(engine.chunk_rows_for(len(library))), len(library))
-    got_scores, got_rows = engine.search(queries, placed, 7)
-    np.testing.assert_array_equal(got_rows, order[:, :7])
-    half = engine.search(
-        queries,
-        lambda r: ((c.astype(np.float16), s) for c, s in chunks(r)),
-        7,
-        num_rows=len(library),
-    )
-    np.testing.assert_array_equal(half[1], order[:, :7])  # small integers are exact in float16
+    topk_case.check_exact_topk_against_brute_force(engine)
     assert competition_ranks(np.array([3.0, 2.0, 2.0, 1.0])).tolist() == [1, 2, 2, 4]
 
 
-# The top-k test above, run by each of 2 processes over the 4 devices of both (self-contained:
-# importing the tests would load conftest.py, which asks for 8 devices per process).
+# The same case, run by each of 2 processes over the 4 devices of both.
 _TOPK_OVER_PROCESSES = """
 import jax
-import numpy as np
 
 from jaxmol.search import join_processes
 from jaxmol.search.topk import ExactTopK
+from tests import topk_case
 
 assert join_processes() and jax.device_count() == 4 and jax.local_device_count() == 2
-rng = np.random.default_rng(0)
-library = rng.integers(-2, 3, size=(203, 8)).astype(np.float32)
-library[50] = library[7]
-queries = rng.integers(-2, 3, size=(5, 8)).astype(np.float32)
-scores = queries @ library.T
-order = np.lexsort((np.broadcast_to(np.arange(203), scores.shape), -scores), axis=1)
 engine = ExactTopK(jax.devices(), chunk_rows=48, query_batch=2)
 assert engine.multiprocess
-
-
-def chunks(rows):
-    for start in range(0, len(library), rows):
-        yield library[start : start + rows], start
-
-
-for k in (1, 7, 250):
-    got_scores, got_rows = engine.search(queries, chunks, k, num_rows=len(library))
-    k_out = min(k, len(library))
-    np.testing.assert_array_equal(got_rows, order[:, :k_out])
-    np.testing.assert_array_equal(got_scores, np.take_along_axis(scores, order, 1)[:, :k_out])
-placed = engine.place(chunks(engine.chunk_rows_for(len(library))), len(library))
-np.testing.assert_array_equal(engine.search(queries, placed, 7)[1], order[:, :7])
+topk_case.check_exact_topk_against_brute_force(engine)
 print(f"top-k over processes: process {jax.process_index()} ok", flush=True)
 """
 
