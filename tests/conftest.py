@@ -3,7 +3,20 @@
 import fcntl
 import json
 import os
+import sys
 import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+
+
+def xla_flags(devices: int) -> str:
+    """XLA_FLAGS of a test process with `devices` fake CPU devices."""
+    return f"{TEST_XLA_FLAGS} --xla_force_host_platform_device_count={devices}"
+
 
 # One persistent XLA compilation cache for the whole test session (a fresh directory each
 # session), shared with the subprocesses the tests start: many tests train the same tiny program,
@@ -17,26 +30,10 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 # (measured: test_bfloat16_step_is_close_to_float32 89 s -> 45 s on a loaded 2-core machine). It
 # changes code generation only, not the HLO program or its fusion; every test compares programs
 # compiled the same way, and benchmarks and real runs keep XLA's default.
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "")
-    + " --xla_backend_optimization_level=0 --xla_force_host_platform_device_count=8"
-).strip()
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + xla_flags(8)).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
-
-import sys
-from pathlib import Path
-
-import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
-
-
-def xla_flags(devices: int) -> str:
-    """XLA_FLAGS of a test subprocess with `devices` fake CPU devices."""
-    return f"{TEST_XLA_FLAGS} --xla_force_host_platform_device_count={devices}"
 
 
 def subprocess_env(devices: int = 8) -> dict:
