@@ -212,18 +212,23 @@ def load_config(name: str, overrides: list[str]):
     return config
 
 
-def _shape_of(batcher: batching.PairBatcher, rows: np.ndarray) -> tuple[int, int]:
-    """(text bucket L, graph budget level) of the batch `rows`, without building it."""
+def _shape_of(batcher: batching.PairBatcher, rows: np.ndarray) -> tuple[int, int, int]:
+    """(text bucket L, graph budget level, text rows per chunk) of the batch `rows`, without
+    building it; the rows are b unless the batcher packs texts (``data.pack_texts``)."""
     tokens, graphs = batcher.split.tokens, batcher.split.graphs
     L = batching.text_bucket(int(tokens.lengths[rows].max()), batcher.text_buckets)
     padded = np.full(batcher.batch_size, -1, np.int64)
     padded[: len(rows)] = rows
+    chunks = padded.reshape(batcher.num_devices, batcher.pairs_per_chunk)
     level = 0
-    for chunk in padded.reshape(batcher.num_devices, batcher.pairs_per_chunk):
+    for chunk in chunks:
         real = chunk[chunk >= 0]
         nodes, edges = int(graphs.n_node[real].sum()), int(graphs.n_edge[real].sum())
         level = max(level, batcher.graph_budgets.level_for(nodes, edges))
-    return L, level
+    text_rows = batcher.pairs_per_chunk
+    if batcher.pack_texts:
+        text_rows = batching.packed_row_level(tokens.lengths, chunks, L, batcher.text_row_levels)
+    return L, level, text_rows
 
 
 def _allocate(counts: dict, total_steps: int) -> dict:
@@ -242,7 +247,7 @@ def bench_training(config, runner, train_steps: int, rss: RssSampler | None) -> 
     split = batcher.split
     epoch = batcher.epoch_batches(0)
     full = [rows for rows in epoch if len(rows) == config.batch_size]  # the partial one is rare
-    by_shape: dict[tuple[int, int], list[np.ndarray]] = collections.defaultdict(list)
+    by_shape: dict[tuple[int, int, int], list[np.ndarray]] = collections.defaultdict(list)
     for rows in full:
         by_shape[_shape_of(batcher, rows)].append(rows)
     counts = {k: len(v) for k, v in by_shape.items() if len(v) / len(full) >= MIN_SHAPE_SHARE}
@@ -304,6 +309,7 @@ def bench_training(config, runner, train_steps: int, rss: RssSampler | None) -> 
             {
                 "text_length": shape[0],
                 "graph_level": shape[1],
+                "text_rows": shape[2],
                 "share": counts[shape] / len(full),
                 "timed_steps": len(step_times),
                 "step_s_median": statistics.median(step_times),
@@ -454,7 +460,8 @@ def main() -> None:
             t["all_util"] = t["all_gflops"] / probe
             t["pairs_per_s_per_100_probe_gflops"] = 100 * t["pairs_per_s"] / probe
             shapes = ", ".join(
-                f"L={s['text_length']} g{s['graph_level']} {100 * s['share']:.0f}% "
+                f"L={s['text_length']} R={s['text_rows']} g{s['graph_level']} "
+                f"{100 * s['share']:.0f}% "
                 f"{s['step_s_median']:.2f} s"
                 for s in t["shapes"]
             )

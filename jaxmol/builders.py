@@ -120,6 +120,7 @@ def train_batcher(
         text_buckets=config.data.text_buckets,
         single_graph_budget=config.data.single_graph_budget,
         local_chunks=local_chunks,
+        pack_texts=config.data.get("pack_texts", False),
     )
 
 

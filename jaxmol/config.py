@@ -44,6 +44,11 @@ _POSITIVE = (
     "model.num_heads",
     "loss.grl_gamma",
 )
+_BOOLEANS = (
+    "data.group_by_length",
+    "data.single_graph_budget",
+    "data.pack_texts",
+)
 _NON_NEGATIVE = (
     "optim.lr",
     "optim.bert_lr",
@@ -82,6 +87,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     for key in _NON_NEGATIVE:
         if _get(config, key) < 0:
             raise ConfigError(f"config.{key} must be >= 0, got {_get(config, key)!r}")
+    for key in _BOOLEANS:
+        if not isinstance(_get(config, key), bool):
+            raise ConfigError(f"config.{key} must be True or False, got {_get(config, key)!r}")
     if config.num_steps <= 0 and config.num_epochs <= 0:
         raise ConfigError("config.num_steps or config.num_epochs must be > 0")
     if config.model.embed_dim % config.model.num_heads:

@@ -522,6 +522,10 @@ _RESUME_FREE_KEYS = {
     "distributed_timeout_s",
     "heartbeat_timeout_s",
     "model.dtype",  # compute dtype only: the parameters are float32 either way
+    # The texts' layout only: the same pairs in the same batches, the same model and losses
+    # (equal within float rounding with dropout off, tests/test_packing.py); like a change of
+    # the device count, only the layout of the dropout draws differs.
+    "data.pack_texts",
 }
 
 

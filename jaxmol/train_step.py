@@ -30,7 +30,7 @@ from jax import lax
 from jaxmol import losses
 from jaxmol.builders import text_model_dir
 from jaxmol.models import bert
-from jaxmol.models.retrieval import RetrievalModel
+from jaxmol.models.retrieval import RetrievalModel, text_inputs
 from jaxmol.parallel import AXIS, DataParallel
 
 
@@ -152,22 +152,27 @@ def init_state(
     Args:
       config: the run config.
       model: the per-device model (its axis name is ignored for initialisation).
-      example_chunk: one device's chunk of a batch (no leading device axis).
+      example_chunk: one device's chunk of a batch (no leading device axis), texts padded or
+        packed.
       total_steps: for the learning-rate schedule.
     """
     init_model = RetrievalModel(dataclasses.replace(model.config, axis_name=None))
     rng = jax.random.PRNGKey(config.seed)
     init_rng, state_rng = jax.random.split(rng)
     example_chunk = jax.tree.map(jnp.asarray, example_chunk)
-    variables = jax.jit(
-        lambda key, chunk: init_model.init(
+
+    def init(key, chunk):
+        text_ids, text_mask, packed = text_inputs(chunk)  # padded or packed: same parameters
+        return init_model.init(
             {"params": key, "dropout": key},
-            chunk["text_ids"],
-            chunk["text_mask"],
+            text_ids,
+            text_mask,
             chunk["graphs"],
             train=False,
+            packed=packed,
         )
-    )(init_rng, example_chunk)
+
+    variables = jax.jit(init)(init_rng, example_chunk)
     params = flax.core.unfreeze(variables["params"])
     if config.model.text_init == "pretrained":
         _, pretrained = bert.load_pretrained(text_model_dir(config))
@@ -332,12 +337,14 @@ def make_train_step(
         grl_scale = grl_scale_at(config, state.step, total_steps) if adversary == "grl" else None
 
         def loss_fn(params):
+            text_ids, text_mask, packed = text_inputs(chunk)  # padded or packed texts
             (z_txt, z_mol, extras), updated = model.apply(
                 {"params": params, "batch_stats": state.batch_stats},
-                chunk["text_ids"],
-                chunk["text_mask"],
+                text_ids,
+                text_mask,
                 chunk["graphs"],
                 train=True,
+                packed=packed,
                 rngs={"dropout": dropout_key},
                 mutable=["batch_stats"],
             )

@@ -20,6 +20,21 @@ Batch layout (numpy, host side)::
   pair_mask  bool  [D, b]          True = real pair
   rows       int32 [D, b]          row of the pair in the `EncodedSplit` (-1 = masked pair)
 
+With ``pack_texts`` the texts of each device chunk are packed, first-fit decreasing, into R rows
+of L tokens (L = the text bucket of the batch; R = the smallest of the fixed `text_row_levels`
+that fits every chunk of the global batch), and the text keys above are replaced by::
+
+  text_ids       int32 [D, R, L]   packed token ids, pad id where the segment is 0
+  text_segments  int32 [D, R, L]   0 = padding, k = the k-th text of the row (1-based)
+  text_positions int32 [D, R, L]   position of each token within its own text (0 at padding)
+  text_row       int32 [D, b]      packed row holding pair i's text (0 for a masked pair)
+  text_start     int32 [D, b]      offset of that text in its row (0 for a masked pair)
+  text_length    int32 [D, b]      its tokens (0 = a masked pair: an all-zero mask)
+
+The model attends only within a segment and gathers each pair's tokens back to [b, L] with the
+mask ``arange(L) < text_length`` (`jaxmol.models.retrieval.PackedTexts`). Which pairs form a
+batch, and their order, do not depend on packing.
+
 The order of an epoch is a pure function of (seed, epoch), and the position in the stream is an
 (epoch, step) pair, so a run can stop anywhere and continue with the same batches.
 
@@ -138,6 +153,115 @@ def text_bucket(length: int, buckets: Sequence[int]) -> int:
     raise ValueError(f"text of {length} tokens exceeds the largest bucket {buckets[-1]}")
 
 
+def text_row_levels(pairs_per_chunk: int, steps: int = 8) -> tuple[int, ...]:
+    """The packed-row counts R a device chunk of b texts may take, smallest first.
+
+    Multiples of ceil(b / steps) up to b: a fixed set, so a run compiles at most `steps`
+    row counts per text bucket (in practice two or three: the rows a batch needs vary little
+    around their mean). The top level b always fits, since a text never exceeds its row.
+    """
+    b = int(pairs_per_chunk)
+    step = -(-b // steps)
+    return tuple(sorted({min(b, step * k) for k in range(1, steps + 1)}))
+
+
+def pack_lengths(lengths: np.ndarray, row_length: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """First-fit decreasing packing of texts into rows of `row_length` tokens.
+
+    Args:
+      lengths: int [n] tokens per slot; 0 = an empty slot (placed nowhere: row 0, start 0).
+      row_length: L, the tokens of a row (>= every length).
+
+    Returns:
+      (row int64 [n], start int64 [n], rows used). Longest texts first, ties in slot order,
+      each into the first row with room: deterministic in `lengths`.
+    """
+    lengths = np.asarray(lengths, np.int64)
+    if len(lengths) and lengths.max() > row_length:
+        raise ValueError(f"a text of {lengths.max()} tokens exceeds the row of {row_length}")
+    row = np.zeros(len(lengths), np.int64)
+    start = np.zeros(len(lengths), np.int64)
+    used: list[int] = []  # tokens used per open row
+    for slot in np.argsort(-lengths, kind="stable"):
+        n = int(lengths[slot])
+        if n == 0:
+            break  # empty slots sort last
+        for r, fill in enumerate(used):
+            if fill + n <= row_length:
+                break
+        else:
+            r = len(used)
+            used.append(0)
+        row[slot], start[slot] = r, used[r]
+        used[r] += n
+    return row, start, len(used)
+
+
+def packed_row_level(
+    lengths: np.ndarray, chunk_rows: np.ndarray, row_length: int, levels: Sequence[int]
+) -> int:
+    """The smallest of `levels` that holds the packed texts of every chunk of `chunk_rows`
+    (int [D, b], -1 = empty slot; `lengths` indexed by row): the R of a whole global batch,
+    which every process must agree on."""
+    chunk_rows = np.asarray(chunk_rows, np.int64)
+    chunk_lengths = np.where(chunk_rows >= 0, lengths[np.maximum(chunk_rows, 0)], 0)
+    needed = max(pack_lengths(c, row_length)[2] for c in chunk_lengths)
+    for level in levels:
+        if needed <= level:
+            return int(level)
+    raise ValueError(f"{needed} packed rows exceed the largest level {levels[-1]}")
+
+
+def pack_texts(
+    tokens: TokenizedTexts, chunk_rows: np.ndarray, row_length: int, num_rows: int
+) -> dict[str, np.ndarray]:
+    """Packs the texts of each device chunk into `num_rows` rows of `row_length` tokens.
+
+    Args:
+      tokens: the tokenised texts.
+      chunk_rows: int [D, b], the text of each slot; -1 = an empty slot.
+      row_length: L.
+      num_rows: R, at least the rows first-fit decreasing needs for any chunk.
+
+    Returns:
+      The packed text keys of the module docstring: text_ids, text_segments, text_positions
+      int32 [D, R, L]; text_row, text_start, text_length int32 [D, b].
+    """
+    chunk_rows = np.asarray(chunk_rows, np.int64)
+    D, b = chunk_rows.shape
+    R, L = num_rows, row_length
+    ids = np.full((D, R, L), tokens.pad_id, np.int32)  # [D, R, L]
+    segments = np.zeros((D, R, L), np.int32)  # [D, R, L]
+    positions = np.zeros((D, R, L), np.int32)  # [D, R, L]
+    lengths = np.where(chunk_rows >= 0, tokens.lengths[np.maximum(chunk_rows, 0)], 0)  # [D, b]
+    row = np.zeros((D, b), np.int32)
+    start = np.zeros((D, b), np.int32)
+    for d in range(D):
+        slot_row, slot_start, used = pack_lengths(lengths[d], L)
+        if used > R:
+            raise ValueError(f"chunk {d} needs {used} packed rows, more than {R}")
+        segment_count = np.zeros(R, np.int32)  # texts placed per row so far
+        # Texts in each row in order of their start, so segment ids count from the left.
+        for slot in np.lexsort((slot_start, slot_row)):
+            n = int(lengths[d, slot])
+            if n == 0:
+                continue
+            r, s = int(slot_row[slot]), int(slot_start[slot])
+            segment_count[r] += 1
+            ids[d, r, s : s + n] = tokens.text(chunk_rows[d, slot])
+            segments[d, r, s : s + n] = segment_count[r]
+            positions[d, r, s : s + n] = np.arange(n)
+        row[d], start[d] = slot_row, slot_start
+    return {
+        "text_ids": ids,
+        "text_segments": segments,
+        "text_positions": positions,
+        "text_row": row,
+        "text_start": start,
+        "text_length": lengths.astype(np.int32),
+    }
+
+
 class PairBatcher:
     """Deterministic, resumable batches of exactly `batch_size` pairs over an `EncodedSplit`.
 
@@ -153,6 +277,9 @@ class PairBatcher:
       graph_budgets: per-chunk graph budgets; default derived from the split.
       single_graph_budget: derive one budget level that fits every chunk (fewer compiles).
       local_chunks: the device chunks this process builds (a range of 0..D-1; default all).
+      pack_texts: pack each chunk's texts into rows of the bucket length (module docstring)
+        instead of one padded row per pair. Changes the layout only, never which pairs form
+        a batch.
     """
 
     def __init__(
@@ -168,6 +295,7 @@ class PairBatcher:
         graph_budgets: GraphBudgets | None = None,
         single_graph_budget: bool = False,
         local_chunks: slice | None = None,
+        pack_texts: bool = False,
     ):
         if batch_size < 1 or num_devices < 1 or batch_size % num_devices:
             raise ValueError(
@@ -191,6 +319,8 @@ class PairBatcher:
         self.shuffle = shuffle
         self.group_by_length = group_by_length
         self.text_buckets = buckets
+        self.pack_texts = pack_texts
+        self.text_row_levels = text_row_levels(self.pairs_per_chunk)
         self.graph_budgets = graph_budgets or graph_budgets_for(
             split.graphs.n_node[split.rows],
             split.graphs.n_edge[split.rows],
@@ -261,6 +391,17 @@ class PairBatcher:
         level = graph_level(self.split.graphs, all_chunks, self.graph_budgets)
         chunk_rows = all_chunks[self.local_chunks]  # [D_local, b] this process's chunks
         local = chunk_rows.shape[0]
+        if self.pack_texts:
+            # R of the global batch: every process packs its chunks into the same shape.
+            R = packed_row_level(tokens.lengths, all_chunks, L, self.text_row_levels)
+            return {
+                **pack_texts(tokens, chunk_rows, L, R),
+                "graphs": pack_graphs(
+                    self.split.graphs, chunk_rows, self.graph_budgets, level=level
+                ),
+                "pair_mask": chunk_rows >= 0,
+                "rows": chunk_rows.astype(np.int32),
+            }
         text_ids, text_mask = pad_texts(tokens, chunk_rows.ravel(), L)  # [D_local * b, L] each
         return {
             "text_ids": text_ids.reshape(local, b, L),
@@ -373,17 +514,23 @@ def pack_graphs(
 def padding_fractions(batcher: PairBatcher, epoch: int = 0) -> dict:
     """Fraction of padded text positions and padded graph nodes over one epoch.
 
-    Computed from the batch row groups and shapes only (no arrays are built).
+    Computed from the batch row groups and shapes only (no arrays are built). With
+    ``batcher.pack_texts`` the text positions are those of the packed rows (D x R x L).
     """
     tokens, graphs = batcher.split.tokens, batcher.split.graphs
     text_real = text_total = node_real = node_total = 0
     for rows in batcher.epoch_batches(epoch):
         lengths = tokens.lengths[rows]
         text_real += int(lengths.sum())
-        text_total += batcher.batch_size * text_bucket(int(lengths.max()), batcher.text_buckets)
+        L = text_bucket(int(lengths.max()), batcher.text_buckets)
         padded = np.full(batcher.batch_size, -1, np.int64)
         padded[: len(rows)] = rows
         chunks = padded.reshape(batcher.num_devices, batcher.pairs_per_chunk)
+        if batcher.pack_texts:
+            R = packed_row_level(tokens.lengths, chunks, L, batcher.text_row_levels)
+            text_total += batcher.num_devices * R * L
+        else:
+            text_total += batcher.batch_size * L
         sizes = [
             (int(graphs.n_node[c[c >= 0]].sum()), int(graphs.n_edge[c[c >= 0]].sum()))
             for c in chunks

@@ -8,6 +8,11 @@ Usage::
     module, params = load_pretrained(default_model_dir())
     hidden = module.apply({'params': params}, input_ids, attention_mask)  # [B, L, H]
 
+Packed rows (several texts per row, `jaxmol.data.batching.pack_texts`): pass `segment_ids`
+[R, L] (0 = padding, k = the k-th text of the row) and `position_ids` [R, L] (restarting at 0
+per text); a token then attends only to the tokens of its own segment (block-diagonal
+attention), so each text's hidden states are those of its own unpacked run.
+
 Parameter tree (so that optimiser labels and freezing can work on paths)::
 
     embeddings/{word_embeddings,position_embeddings,token_type_embeddings}/embedding
@@ -223,7 +228,8 @@ class BertEmbeddings(nn.Module):
     config: BertConfig
 
     @nn.compact
-    def __call__(self, input_ids, token_type_ids, *, deterministic: bool):
+    def __call__(self, input_ids, token_type_ids, position_ids=None, *, deterministic: bool):
+        """input_ids, token_type_ids [B, L]; position_ids [B, L] or None (0..L-1 per row)."""
         cfg = self.config
         init = nn.initializers.normal(cfg.initializer_range)
 
@@ -231,7 +237,7 @@ class BertEmbeddings(nn.Module):
             return nn.Embed(num, cfg.hidden_size, embedding_init=init, name=name)
 
         seq_len = input_ids.shape[1]
-        positions = jnp.arange(seq_len)[None, :]  # [1, L]
+        positions = jnp.arange(seq_len)[None, :] if position_ids is None else position_ids
         x = (
             embed(cfg.vocab_size, "word_embeddings")(input_ids)
             + embed(cfg.max_position_embeddings, "position_embeddings")(positions)
@@ -248,12 +254,14 @@ class BertSelfAttention(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, key_mask, *, deterministic: bool):
-        """Attends from every position to the real positions of `key_mask`.
+    def __call__(self, x, visible, *, deterministic: bool):
+        """Attends from every position to the keys `visible` marks.
 
         Args:
           x: [B, L, H] hidden states (float32).
-          key_mask: [B, L] bool, True for real tokens.
+          visible: bool [B, 1, 1, Lk] (the real keys, the same for every query) or
+            [B, 1, Lq, Lk] (block-diagonal for packed rows), broadcast over the heads. Built
+            once per forward by `BertEncoder`, shared by every layer.
           deterministic: disables attention-probability dropout.
 
         Returns:
@@ -274,7 +282,7 @@ class BertSelfAttention(nn.Module):
         )  # [B, N, Lq, Lk], float32 whatever the compute dtype
         # Masked keys get the most negative finite value rather than -inf (as Hugging Face's
         # mask), so a row whose keys are all padding softmaxes to uniform instead of NaN.
-        scores = jnp.where(key_mask[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
+        scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1)  # [B, N, Lq, Lk] float32
         probs = Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic=deterministic)
         context = jnp.einsum("bnqk,bknd->bqnd", probs.astype(self.dtype), value)  # [B, L, N, D]
@@ -292,10 +300,11 @@ class BertLayer(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, key_mask, *, deterministic: bool):
+    def __call__(self, x, visible, *, deterministic: bool):
+        """x [B, L, H] float32; visible bool [B, 1, 1 or Lq, Lk] (see `BertSelfAttention`)."""
         cfg = self.config
         attended = BertSelfAttention(cfg, self.dtype, name="attention")(
-            x, key_mask, deterministic=deterministic
+            x, visible, deterministic=deterministic
         )
         attended = Dropout(cfg.hidden_dropout_prob)(attended, deterministic=deterministic)
         x = _layer_norm(cfg, "attention_layer_norm")(x + attended)  # [B, L, H] float32
@@ -324,13 +333,26 @@ class BertEncoder(nn.Module):
     frozen_layers: int = 0
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask, token_type_ids=None, *, deterministic=True):
-        """Encodes a padded batch of token ids.
+    def __call__(
+        self,
+        input_ids,
+        attention_mask,
+        token_type_ids=None,
+        *,
+        position_ids=None,
+        segment_ids=None,
+        deterministic=True,
+    ):
+        """Encodes a padded batch of token ids, or packed rows of several texts each.
 
         Args:
           input_ids: [B, L] int token ids; values at padded positions do not matter.
           attention_mask: [B, L] int or bool, 1/True for real tokens, 0/False for padding.
-          token_type_ids: [B, L] int segment ids, zeros when None.
+          token_type_ids: [B, L] int BERT token types (sentence A/B), zeros when None.
+          position_ids: [B, L] int absolute positions, 0..L-1 per row when None; for packed
+            rows, each text's own positions (restarting at 0).
+          segment_ids: [B, L] int, None for one text per row; for packed rows, 0 at padding
+            and k for the tokens of the row's k-th text: attention stays within a segment.
           deterministic: False enables dropout (needs a 'dropout' rng).
 
         Returns:
@@ -350,12 +372,22 @@ class BertEncoder(nn.Module):
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
         key_mask = attention_mask.astype(bool)  # [B, L]
+        # The one attention mask of the forward, shared by every layer (broadcast over heads).
+        visible = key_mask[:, None, None, :]  # [B, 1, 1, Lk]
+        if segment_ids is not None:
+            if segment_ids.shape != input_ids.shape:
+                raise ValueError(
+                    f"segment_ids {segment_ids.shape} must have the shape of input_ids "
+                    f"{input_ids.shape}"
+                )
+            same = segment_ids[:, :, None] == segment_ids[:, None, :]  # [B, Lq, Lk]
+            visible = visible & same[:, None]  # [B, 1, Lq, Lk] block-diagonal
         x = BertEmbeddings(self.config, name="embeddings")(
-            input_ids, token_type_ids, deterministic=deterministic
+            input_ids, token_type_ids, position_ids, deterministic=deterministic
         )
         for i in range(self.config.num_hidden_layers):
             x = BertLayer(self.config, self.dtype, name=f"layer_{i}")(
-                x, key_mask, deterministic=deterministic
+                x, visible, deterministic=deterministic
             )
             if i == self.frozen_layers - 1:
                 x = jax.lax.stop_gradient(x)

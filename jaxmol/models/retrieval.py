@@ -10,6 +10,11 @@ Submodule names (the parameter tree): `txt`, `mol`, `projector`, `head`, `discri
 BatchNorm running statistics live in the `batch_stats` collection (GIN layers and the head);
 dropout uses the `dropout` rng. In training, call `apply(..., mutable=['batch_stats'])`.
 
+Texts come either padded, one per row (`text_ids`, `text_mask` [b, L]), or packed several per
+row (`PackedTexts`, from `jaxmol.data.batching.pack_texts`): BERT then runs on the R packed rows
+with block-diagonal attention and per-text positions, and each pair's token states are gathered
+back to [b, L] with its mask before the projector, so everything after BERT is the same code.
+
 Row validity is read from the inputs: a text row is valid iff its mask has a real token; a
 molecule is valid iff its graph has nodes (the trailing jraph padding graph is dropped). Invalid
 rows give z = 0 and finite everything, take no part in any BatchNorm statistic, and do not
@@ -22,6 +27,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -48,6 +54,60 @@ MOL_ENCODERS = ("gin", "gcn_mol2vec")
 PROJECTORS = ("memory", "pool")
 HEAD_BN_STATS = ("per_modality", "shared")
 DTYPES = ("float32", "bfloat16")
+
+
+PACKED_TEXT_KEYS = (
+    "text_segments",
+    "text_positions",
+    "text_row",
+    "text_start",
+    "text_length",
+)
+
+
+@flax.struct.dataclass
+class PackedTexts:
+    """The packing of one device chunk's texts (`jaxmol.data.batching.pack_texts`).
+
+    The packed token ids themselves are `text_ids` [R, L].
+
+    Attributes:
+      segments: int32 [R, L], 0 = padding, k = the k-th text of the row.
+      positions: int32 [R, L], each token's position within its own text.
+      row: int32 [b], the packed row of pair i's text.
+      start: int32 [b], its offset in that row.
+      length: int32 [b], its tokens (0 = a padded pair).
+    """
+
+    segments: jax.Array
+    positions: jax.Array
+    row: jax.Array
+    start: jax.Array
+    length: jax.Array
+
+    def mask(self, length: int) -> jax.Array:
+        """int32 [b, length]: 1 on the first `self.length[i]` positions of pair i."""
+        return (jnp.arange(length)[None, :] < self.length[:, None]).astype(jnp.int32)
+
+    def unpack(self, states: jax.Array) -> jax.Array:
+        """Packed per-token states [R, L, H] -> each pair's own tokens [b, L, H], zeros beyond
+        its length (a padded pair is all zeros)."""
+        R, L, H = states.shape
+        offsets = jnp.arange(L)[None, :]  # [1, L]
+        # Positions past a text's end point at whatever follows it; they are masked (zeroed),
+        # and clipping keeps the index inside the row.
+        index = self.row[:, None] * L + jnp.minimum(self.start[:, None] + offsets, L - 1)
+        gathered = states.reshape(R * L, H)[index]  # [b, L, H]
+        return jnp.where(self.mask(L)[..., None].astype(bool), gathered, 0.0)
+
+
+def text_inputs(chunk: dict) -> tuple[jax.Array, jax.Array | None, PackedTexts | None]:
+    """(text_ids, text_mask, packed) of a batch chunk, padded or packed: the first three
+    arguments a `RetrievalModel` call takes for its texts (see `RetrievalModel.__call__`)."""
+    if "text_segments" not in chunk:
+        return chunk["text_ids"], chunk["text_mask"], None
+    packed = PackedTexts(*(chunk[key] for key in PACKED_TEXT_KEYS))
+    return chunk["text_ids"], None, packed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,16 +294,18 @@ class RetrievalModel(nn.Module):
         graphs: jraph.GraphsTuple | None,
         *,
         train: bool,
+        packed: PackedTexts | None = None,
     ) -> tuple[jax.Array | None, jax.Array | None, dict[str, Any]]:
         """Embeds a chunk of b pairs; either modality may be None.
 
         Args:
-          text_ids: int32 [b, L] token ids, or None.
+          text_ids: int32 [b, L] token ids, or None; with `packed`, the packed rows [R, L].
           text_mask: int32 [b, L], 1 for real tokens ([CLS]/[SEP] included); an all-zero row is
-            a padded pair.
+            a padded pair. None with `packed` (the mask comes from its lengths).
           graphs: padded `jraph.GraphsTuple` with b + 1 graphs (graph b is the jraph padding
             graph; a padded pair has 0 nodes), or None.
           train: dropout and batch statistics (True) or eval mode (False).
+          packed: the packing of the texts (`text_inputs`), or None for padded texts.
 
         Returns:
           z_txt: [b, d] unit vectors (zeros on padded rows), or None.
@@ -256,9 +318,9 @@ class RetrievalModel(nn.Module):
         extras: dict[str, Any] = {"temperature": self.head.get_temperature()}
         z_txt = z_mol = None
         if text_ids is not None:
-            if text_mask is None:
-                raise ValueError("text_ids given without text_mask")
-            z_txt, pooled, valid = self.embed_text(text_ids, text_mask, train=train)
+            if (text_mask is None) == (packed is None):
+                raise ValueError("text_ids need exactly one of text_mask and packed")
+            z_txt, pooled, valid = self.embed_text(text_ids, text_mask, train=train, packed=packed)
             extras.update(pooled_txt=pooled, valid_txt=valid)
             extras["disc_logits_txt"] = self._adversary(pooled)
         if graphs is not None:
@@ -268,11 +330,31 @@ class RetrievalModel(nn.Module):
         return z_txt, z_mol, extras
 
     def embed_text(
-        self, text_ids: jax.Array, text_mask: jax.Array, *, train: bool
+        self,
+        text_ids: jax.Array,
+        text_mask: jax.Array | None,
+        *,
+        train: bool,
+        packed: PackedTexts | None = None,
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """-> (z_txt [b, d], pooled e_t [b, d], valid bool [b])."""
+        """-> (z_txt [b, d], pooled e_t [b, d], valid bool [b]).
+
+        text_ids [b, L] with text_mask [b, L]; or packed rows text_ids [R, L] with `packed`
+        (text_mask None), whose per-pair token states are gathered back to [b, L, H].
+        """
+        if packed is None:
+            token_states = self.txt(text_ids, text_mask, deterministic=not train)  # [b, L, H]
+        else:
+            packed_states = self.txt(
+                text_ids,
+                packed.segments > 0,
+                position_ids=packed.positions,
+                segment_ids=packed.segments,
+                deterministic=not train,
+            )  # [R, L, H]
+            token_states = packed.unpack(packed_states)  # [b, L, H]
+            text_mask = packed.mask(text_ids.shape[1])  # [b, L]
         valid = text_mask.astype(bool).any(axis=-1)  # [b]
-        token_states = self.txt(text_ids, text_mask, deterministic=not train)  # [b, L, H]
         z, pooled = self.projector.embed_text(token_states, text_mask)
         z = self.head(z, valid, modality="txt", train=train)
         return z, jnp.where(valid[:, None], pooled, 0.0), valid
