@@ -163,6 +163,22 @@ def test_config_key_is_validated():
         validate_config(config)
 
 
+def test_pack_texts_may_change_on_resume():
+    """Packing changes the texts' layout only: a workdir resumes with it switched either way
+    (and a config saved before the key existed resumes under today's default)."""
+    from jaxmol import checkpointing, train_lib
+
+    config = tiny.get_config()
+    saved = train_lib._json_ready(config)
+    config.data.pack_texts = not config.data.pack_texts
+    train_lib._check_resume_compatible(saved, train_lib._json_ready(config))
+    del saved["data"]["pack_texts"]
+    train_lib._check_resume_compatible(saved, train_lib._json_ready(config))
+    config.data.group_by_length = not config.data.group_by_length  # changes the batches
+    with pytest.raises(checkpointing.CheckpointError, match="group_by_length"):
+        train_lib._check_resume_compatible(saved, train_lib._json_ready(config))
+
+
 # ----------------------------------------------------------------------------------------------
 # BERT and the model in eval mode, real MiniLM weights.
 
