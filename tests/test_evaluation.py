@@ -162,10 +162,12 @@ def test_evaluate_cli_on_one_device_matches_eight_devices(trained_workdir, tmp_p
     assert json_path.name == "pcdes_test__pool.json"
     shutil.copy(npz_path, tmp_path / "eight.npz")
 
-    # 1 device, through the CLI.
+    # 1 device, through the CLI; --data_dir wins over a $JAXMOL_DATA_DIR that has no data.
     env = {**os.environ, "XLA_FLAGS": conftest.xla_flags(1)}
+    env["JAXMOL_DATA_DIR"] = str(tmp_path / "no_data_here")
     command = [sys.executable, str(ROOT / "evaluate.py"), f"--workdir={trained_workdir}"]
     command += ["--split=pcdes/test", "--protocol=pool", "--batch_size=6"]
+    command += [f"--data_dir={ROOT / 'data'}"]
     command += [f"--max_pairs={MAX_PAIRS}", "--plots"]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -213,3 +215,14 @@ def test_a_bad_step_flag_is_a_usage_error_with_status_2():
     with pytest.raises(ConfigError, match="--step must be") as error:
         evaluate_cli._parse_step("foo")
     assert cli.exit_status(error.value) == cli.EXIT_CONFIG
+
+
+def test_evaluate_cli_without_a_data_folder_says_what_to_do(tmp_path):
+    from jaxmol import cli
+
+    command = [sys.executable, str(ROOT / "evaluate.py"), f"--workdir={tmp_path}"]
+    command += ["--split=pcdes/test", f"--data_dir={tmp_path / 'empty'}"]
+    env = {**os.environ, "XLA_FLAGS": conftest.xla_flags(1)}
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == cli.EXIT_CONFIG, done.stderr[-3000:]
+    assert "--data_dir" in done.stderr and "MANIFEST.json" in done.stderr

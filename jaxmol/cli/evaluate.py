@@ -17,7 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a model hub
 from absl import app, flags
 
 from jaxmol import evaluation
-from jaxmol.cli import run_guarded, setup_logging
+from jaxmol.cli import run_guarded, setup_logging, use_data_dir
 from jaxmol.scoring import MOMU_INBATCH_SIZE, MOMU_SHUFFLE_SEED
 
 FLAGS = flags.FLAGS
@@ -48,6 +48,12 @@ flags.DEFINE_bool(
     "training: $JAXMOL_COORDINATOR_ADDRESS/... or `python -m jaxmol.launch`); embeds over all "
     "devices of all processes, process 0 prints and writes the results.",
 )
+flags.DEFINE_string(
+    "data_dir",
+    None,
+    "Folder of the shipped splits (holds MANIFEST.json). Default: $JAXMOL_DATA_DIR, else the "
+    "checkout's data/ (an installed jaxmol carries no data).",
+)
 flags.mark_flags_as_required(["workdir", "split"])
 
 
@@ -70,6 +76,7 @@ def main(argv):
     reports = []
     from jaxmol import distributed
 
+    run_guarded("evaluate", lambda: use_data_dir(FLAGS.data_dir, [FLAGS.split]))
     joined = FLAGS.distributed or distributed.requested()
     if joined:
         run_guarded("evaluate", _join_processes)
