@@ -1,0 +1,67 @@
+"""Peak RSS of paper-config train steps on packed batches of one row count R.
+
+    python bench/pack_rows_rss.py R [--config default] [--steps 1]
+
+Finds the full batches of PCdes train epochs 0-2 whose packed row count (``data.pack_texts``)
+is R, initialises the run's state, compiles the train step and runs `--steps` + 1 steps on them,
+then prints the process's peak resident memory (VmHWM, which includes loading the data and the
+weights and the compilation). One shape per process, so the peak is that shape's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_throughput as bt
+import jax
+
+from jaxmol import builders, train_step
+from jaxmol.data import batching
+from jaxmol.models.retrieval import RetrievalModel
+from jaxmol.parallel import DataParallel, select_devices
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("rows", type=int, help="R, the packed rows per device chunk")
+    parser.add_argument("--config", default="default")
+    parser.add_argument("--steps", type=int, default=1)
+    args = parser.parse_args()
+    config = bt.load_config(args.config, ["data.pack_texts=true"])
+    runner = DataParallel(config.parallel, select_devices(config.num_devices))
+    batcher = builders.train_batcher(config, builders.split_encoder(config), runner.num_devices)
+    lengths = batcher.split.tokens.lengths
+    picked = []
+    for epoch in range(3):
+        for rows in batcher.epoch_batches(epoch):
+            if len(rows) < config.batch_size:
+                continue
+            L = batching.text_bucket(int(lengths[rows].max()), batcher.text_buckets)
+            chunks = rows.reshape(batcher.num_devices, -1)
+            if batching.packed_row_level(lengths, chunks, L, batcher.text_row_levels) == args.rows:
+                picked.append(rows)
+    if not picked:
+        raise SystemExit(f"no full batch of epochs 0-2 packs into {args.rows} rows")
+    print(f"R={args.rows}: {len(picked)} full batches in epochs 0-2", flush=True)
+    model = RetrievalModel(builders.model_config_for(config))
+    example = jax.tree.map(lambda x: x[0], batcher.make_batch(picked[0]))
+    state, tx, critic_tx = train_step.init_state(config, model, example, total_steps=10_000)
+    step = train_step.compile_train_step(runner, config, model, tx, critic_tx)
+    state = runner.replicate(state)
+    for i in range(args.steps + 1):
+        batch = runner.shard(batcher.make_batch(picked[i % len(picked)]))
+        start = time.perf_counter()
+        state, metrics = step(state, batch)
+        loss = float(metrics["loss"])  # blocks
+        print(f"step {i}: loss {loss:.4f}, {time.perf_counter() - start:.1f} s", flush=True)
+    with open("/proc/self/status", encoding="ascii") as f:
+        peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    print(f"peak RSS {peak / 1024:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
