@@ -7,7 +7,7 @@ directions). Sized to finish within 30 minutes on 2 CPU cores.
 Differences from the paper settings (configs/default.py), all for CPU time: texts truncated
 to 128 tokens (PCdes mean: 111) with two length buckets; batches drawn within text-length groups
 instead of a uniform shuffle; the embeddings and the bottom BERT layers frozen; a fixed number
-of steps with a short warm-up.
+of steps with a short warm-up, and 3 x the paper's learning rates (Adam 3e-4, BERT 1e-4).
 """
 
 from configs import default
@@ -23,6 +23,10 @@ def get_config():
     # length, unlike the official uniform shuffle that configs/default.py keeps.
     config.data.group_by_length = True
     config.optim.freeze_bert_layers = 3
+    # 3 x the paper's rates: a 600-step run is far from converged at 1e-4 / 3e-5 (PCdes validation
+    # mean MRR after 200 steps: 0.126 at the paper's rates, 0.198 at these; docs/results.md §5).
+    config.optim.lr = 3e-4
+    config.optim.bert_lr = 1e-4
     config.optim.warmup_steps = 50
     config.optim.decay_ends_warmup_early = False
     config.num_steps = 600
