@@ -48,7 +48,7 @@ def _init_variables(model: RetrievalModel, split: EncodedSplit) -> dict:
 
 def _warm_text_rows(split: EncodedSplit, rows: np.ndarray, batch_size: int) -> np.ndarray:
     """Up to one batch of rows per text length bucket (compiles every text shape)."""
-    buckets = batching.buckets_up_to(split.tokens.max_length)
+    buckets = batching.eval_text_buckets(split.tokens.max_length)
     bucket_of = np.searchsorted(np.asarray(buckets), split.tokens.lengths[rows])
     return np.concatenate([rows[bucket_of == b][:batch_size] for b in np.unique(bucket_of)])
 

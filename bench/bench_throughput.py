@@ -353,7 +353,7 @@ def bench_embedding(config, runner, variables, num_texts, num_molecules, rss) ->
     )
     mol_rows = rows if num_molecules < 0 else rows[:num_molecules]
     tokens = split.tokens
-    buckets = batching.buckets_up_to(tokens.max_length)
+    buckets = batching.eval_text_buckets(tokens.max_length)
     bucket_of = np.searchsorted(np.asarray(buckets), tokens.lengths[text_rows])
     warm = np.concatenate([text_rows[bucket_of == b][:1] for b in np.unique(bucket_of)])
     if rss:

@@ -114,6 +114,29 @@ def test_protocol_pools_and_query_counts(restored, tmp_path):
     assert set(stored["query_ids"]) <= set(stored["text_ids"]) & set(stored["mol_ids"])
 
 
+def test_text_embeddings_do_not_depend_on_the_length_buckets(restored):
+    from jaxmol.data import batching, datasets
+
+    embedder, variables, encoder, _ = restored
+    split = encoder(datasets.load_split_head("pcdes/test", 40))
+    tokens = split.tokens
+    assert batching.eval_text_buckets(128) == (32, 64, 96, 128)
+    assert batching.eval_text_buckets(100, 16) == (16, 32, 48, 64, 80, 96, 100)
+    # Shuffled rows: the output must follow `rows`, not the length order of the batches.
+    rows = np.random.default_rng(0).permutation(split.rows)
+    default = embedder.embed_texts(variables, tokens, rows, batch_size=8)  # every 32 tokens
+    one_length = embedder.embed_texts(
+        variables, tokens, rows, batch_size=8, buckets=(tokens.max_length,)
+    )
+    assert np.abs(default).max() > 0.1
+    np.testing.assert_allclose(default, one_length, atol=1e-5)
+    # Every length a bucket: each batch padded to exactly its longest text.
+    per_text = embedder.embed_texts(
+        variables, tokens, rows[:8], batch_size=8, buckets=tuple(range(1, tokens.max_length + 1))
+    )
+    np.testing.assert_allclose(per_text, default[:8], atol=1e-5)
+
+
 def test_evaluate_checkpoint_errors_are_clear(tmp_path, trained_workdir):
     from jaxmol.checkpointing import CheckpointError
     from jaxmol.data.datasets import DataError

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -82,12 +82,14 @@ class Embedder:
         rows: np.ndarray | None = None,
         *,
         batch_size: int,
+        buckets: Sequence[int] | None = None,
     ) -> np.ndarray:
         """Embeds texts `rows` of `tokens` (default all).
 
         Texts are batched in order of length (far less padding; rows never interact in eval
         mode), each batch padded to the smallest length bucket that fits it; padded rows have an
-        all-zero mask and are dropped.
+        all-zero mask and are dropped. `buckets`: the padded lengths, ascending, the last at
+        least `tokens.max_length` (default `batching.eval_text_buckets`: every 32 tokens).
 
         Returns:
           float32 [len(rows), d]; row i embeds text rows[i].
@@ -100,7 +102,8 @@ class Embedder:
         B = self.global_batch_size(batch_size)
         D = self.runner.num_devices
         local = self.runner.local_chunks  # this process's device chunks
-        buckets = batching.buckets_up_to(tokens.max_length)
+        if buckets is None:
+            buckets = batching.eval_text_buckets(tokens.max_length)
         order = np.argsort(tokens.lengths[rows], kind="stable")  # [n] positions, short first
 
         def host_batches() -> Iterator[tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]]:
