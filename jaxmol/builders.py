@@ -120,7 +120,7 @@ def train_batcher(
         text_buckets=config.data.text_buckets,
         single_graph_budget=config.data.single_graph_budget,
         local_chunks=local_chunks,
-        pack_texts=config.data.get("pack_texts", False),
+        pack_texts=config.data.pack_texts,
     )
 
 
@@ -190,10 +190,16 @@ def flat_config(config: ml_collections.ConfigDict | dict) -> dict[str, Any]:
     }
 
 
+# Keys whose default changed when they were added: a run saved before the key existed behaved
+# as this value, not as today's default.
+VALUE_BEFORE_KEY_EXISTED = {"data.pack_texts": False}
+
+
 def run_config_from_saved(saved: dict) -> ml_collections.ConfigDict:
     """A run config read back from a checkpoint or ``config.json``, merged onto today's
-    defaults: keys the saved run lacks take today's default value; keys it has that no longer
-    exist are dropped with a warning.
+    defaults: keys the saved run lacks take today's default value (or, for the keys of
+    `VALUE_BEFORE_KEY_EXISTED`, the behaviour runs had before the key existed); keys it has
+    that no longer exist are dropped with a warning.
 
     Args:
       saved: the JSON dict that was written with the run.
@@ -206,8 +212,10 @@ def run_config_from_saved(saved: dict) -> ml_collections.ConfigDict:
     missing = sorted(known.keys() - flat_config(saved).keys())
     if missing:
         logger.info("saved config lacks %s: using today's defaults", ", ".join(missing))
+    saved_flat = flat_config(saved)
+    absent = {k: v for k, v in VALUE_BEFORE_KEY_EXISTED.items() if k not in saved_flat}
     with merged.unlocked():
-        for key, value in flat_config(saved).items():
+        for key, value in {**saved_flat, **absent}.items():
             if key not in known:
                 logger.warning("saved config key %r no longer exists; ignored", key)
                 continue

@@ -128,14 +128,21 @@ def test_packed_chunks_of_several_processes_agree(split):
     """Each process packs only its chunks, into the R of the whole global batch."""
     kwargs = dict(batch_size=16, num_devices=4, seed=2, text_buckets=(128,), pack_texts=True)
     whole = PairBatcher(split, **kwargs)
-    parts = [PairBatcher(split, local_chunks=s, **kwargs) for s in (slice(0, 1), slice(1, 4))]
+    parts = [PairBatcher(split, local_chunks=s, **kwargs) for s in (slice(0, 3), slice(3, 4))]
+    own_rows_differ = False
     for rows in whole.epoch_batches(0):
         batch = whole.make_batch(rows)
         pieces = [part.make_batch(rows) for part in parts]
+        # The case that matters: a process whose own chunks would need fewer rows.
+        for piece in pieces:
+            rows_used = (piece["text_segments"] > 0).any(-1).sum(-1)  # [D_local] own FFD rows
+            assert piece["text_ids"].shape[1] == batch["text_ids"].shape[1]  # R
+            own_rows_differ |= bool(rows_used.max() < piece["text_ids"].shape[1])
         for key in PACKED_KEYS | {"text_ids", "rows", "pair_mask"}:
             np.testing.assert_array_equal(
                 np.concatenate([p[key] for p in pieces]), batch[key], err_msg=key
             )
+    assert own_rows_differ
 
 
 def test_padded_batches_are_unchanged_by_the_option(split):
@@ -174,6 +181,12 @@ def test_pack_texts_may_change_on_resume():
     train_lib._check_resume_compatible(saved, train_lib._json_ready(config))
     del saved["data"]["pack_texts"]
     train_lib._check_resume_compatible(saved, train_lib._json_ready(config))
+    # A run saved before the key existed trained on padded texts, whatever today's default.
+    from jaxmol import builders
+
+    assert builders.run_config_from_saved(saved).data.pack_texts is False
+    saved["data"]["pack_texts"] = True
+    assert builders.run_config_from_saved(saved).data.pack_texts is True
     config.data.group_by_length = not config.data.group_by_length  # changes the batches
     with pytest.raises(checkpointing.CheckpointError, match="group_by_length"):
         train_lib._check_resume_compatible(saved, train_lib._json_ready(config))

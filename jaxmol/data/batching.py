@@ -171,8 +171,8 @@ def text_row_levels(pairs_per_chunk: int, steps: int = 8) -> tuple[int, ...]:
     """The packed-row counts R a device chunk of b texts may take, smallest first.
 
     Multiples of ceil(b / steps) up to b: a fixed set, so a run compiles at most `steps`
-    row counts per text bucket (in practice two or three: the rows a batch needs vary little
-    around their mean). The top level b always fits, since a text never exceeds its row.
+    row counts per text bucket (in practice a few: a PCdes epoch of the paper config uses R =
+    12, 16, 20 and, once, 24; docs/performance.md). The top level b always fits, since a text never exceeds its row.
     """
     b = int(pairs_per_chunk)
     step = -(-b // steps)
