@@ -171,8 +171,9 @@ def text_row_levels(pairs_per_chunk: int, steps: int = 8) -> tuple[int, ...]:
     """The packed-row counts R a device chunk of b texts may take, smallest first.
 
     Multiples of ceil(b / steps) up to b: a fixed set, so a run compiles at most `steps`
-    row counts per text bucket (in practice a few: a PCdes epoch of the paper config uses R =
-    12, 16, 20 and, once, 24; docs/performance.md). The top level b always fits, since a text never exceeds its row.
+    row counts per text bucket (in practice a few: a PCdes epoch of the paper config uses
+    R = 12, 16, 20 and, once, 24; docs/performance.md). The top level b always fits, since a
+    text never exceeds its row.
     """
     b = int(pairs_per_chunk)
     step = -(-b // steps)
@@ -200,11 +201,9 @@ def pack_lengths(lengths: np.ndarray, row_length: int) -> tuple[np.ndarray, np.n
         n = int(lengths[slot])
         if n == 0:
             break  # empty slots sort last
-        for r, fill in enumerate(used):
-            if fill + n <= row_length:
-                break
-        else:
-            r = len(used)
+        # The first open row with room, else a new one.
+        r = next((i for i, fill in enumerate(used) if fill + n <= row_length), len(used))
+        if r == len(used):
             used.append(0)
         row[slot], start[slot] = r, used[r]
         used[r] += n
@@ -408,18 +407,15 @@ class PairBatcher:
         if self.pack_texts:
             # R of the global batch: every process packs its chunks into the same shape.
             R = packed_row_level(tokens.lengths, all_chunks, L, self.text_row_levels)
-            return {
-                **pack_texts(tokens, chunk_rows, L, R),
-                "graphs": pack_graphs(
-                    self.split.graphs, chunk_rows, self.graph_budgets, level=level
-                ),
-                "pair_mask": chunk_rows >= 0,
-                "rows": chunk_rows.astype(np.int32),
+            texts = pack_texts(tokens, chunk_rows, L, R)
+        else:
+            text_ids, text_mask = pad_texts(tokens, chunk_rows.ravel(), L)  # [D_local * b, L]
+            texts = {
+                "text_ids": text_ids.reshape(local, b, L),
+                "text_mask": text_mask.reshape(local, b, L),
             }
-        text_ids, text_mask = pad_texts(tokens, chunk_rows.ravel(), L)  # [D_local * b, L] each
         return {
-            "text_ids": text_ids.reshape(local, b, L),
-            "text_mask": text_mask.reshape(local, b, L),
+            **texts,
             "graphs": pack_graphs(self.split.graphs, chunk_rows, self.graph_budgets, level=level),
             "pair_mask": chunk_rows >= 0,
             "rows": chunk_rows.astype(np.int32),
