@@ -209,10 +209,10 @@ def run_config_from_saved(saved: dict) -> ml_collections.ConfigDict:
     """
     merged = default_config()
     known = flat_config(merged)
-    missing = sorted(known.keys() - flat_config(saved).keys())
+    saved_flat = flat_config(saved)
+    missing = sorted(known.keys() - saved_flat.keys())
     if missing:
         logger.info("saved config lacks %s: using today's defaults", ", ".join(missing))
-    saved_flat = flat_config(saved)
     absent = {k: v for k, v in VALUE_BEFORE_KEY_EXISTED.items() if k not in saved_flat}
     with merged.unlocked():
         for key, value in {**saved_flat, **absent}.items():
