@@ -209,6 +209,68 @@ def test_the_loop_reports_failures_resumes_and_never_retrains(tmp_path, capsys):
     assert "holds a run of other settings" in capsys.readouterr().err
 
 
+# A stand-in for `python evaluate.py` as well (the tool runs both with --python): writes the
+# final-weights result of --split at --step; fails on chebi20/validation.
+FAKE_TRAINER_AND_EVALUATOR = """#!{python}
+import json, sys
+from pathlib import Path
+if not sys.argv[1].endswith("evaluate.py"):
+    exec(compile(Path(sys.argv[0] + ".train").read_text(), "train", "exec"))
+    sys.exit(0)
+args = sys.argv[2:]
+workdir, split = Path(args[args.index("--workdir") + 1]), args[args.index("--split") + 1]
+if split == "chebi20/validation":
+    print("evaluation error", flush=True)
+    sys.exit(4)
+block = {{"hits@1": 0.3, "hits@10": 0.6, "mrr": 0.4, "num_queries": 9}}
+report = {{"checkpoint_step": int(args[args.index("--step") + 1]), "t2m": block, "m2t": block}}
+stem = split.replace("/", "_") + "__pool"
+(workdir / "eval" / (stem + ".json")).write_text(json.dumps(report))
+print(split + " (pool) evaluated in 2.5 s", flush=True)
+"""
+
+
+def test_extra_splits_are_evaluated_on_finished_runs_without_retraining(tmp_path, capsys):
+    fake = tmp_path / "fake_python"
+    fake.write_text(FAKE_TRAINER_AND_EVALUATOR.format(python=sys.executable))
+    fake.chmod(0o755)
+    trainer = FAKE_TRAINER.format(python=sys.executable).split("\n", 1)[1]
+    (tmp_path / "fake_python.train").write_text(trainer)
+    root = tmp_path / "root"
+    argv = ["--base_config", TINY, "--variants", "full", "--seeds", "0", "--num_steps", "3"]
+    argv += ["--workdir_root", str(root), "--python", str(fake)]
+    assert ablate.main(argv) == 0
+    run_dir = root / "full" / "seed0"
+    first = json.loads((run_dir / ablate.RESULT_NAME).read_text())
+    assert list(first["test"]) == ["pcdes/test"]
+    capsys.readouterr()
+
+    assert ablate.main([*argv, "--extra_splits", "chebi20/test"]) == 0
+    out = capsys.readouterr().out
+    assert "done before, not retrained" in out and "evaluating chebi20/test" in out
+    result = json.loads((run_dir / ablate.RESULT_NAME).read_text())
+    assert list(result["test"]) == ["pcdes/test", "chebi20/test"]
+    assert result["test"]["chebi20/test"]["t2m"]["hits@10"] == 0.6
+    assert result["test_eval_s"] == {"pcdes/test": 1.5, "chebi20/test": 2.5}
+    assert len((run_dir / ablate.ATTEMPTS_NAME).read_text().splitlines()) == 1
+    markdown = (root / "ablation.md").read_text()
+    assert "## ChEBI-20 test (zero-shot)" in markdown
+    assert "| full | 1 | 30.00 | 60.00 | 40.00 | 30.00 | 60.00 | 40.00 |" in markdown
+
+    assert ablate.main([*argv, "--extra_splits", "chebi20/test"]) == 0  # nothing left to do
+    assert "evaluating" not in capsys.readouterr().out
+    # a failed extra evaluation is reported, the split's cells stay empty, the run is kept
+    assert ablate.main([*argv, "--extra_splits", "chebi20/test,chebi20/validation"]) == 1
+    table = json.loads((root / "ablation.json").read_text())
+    assert "evaluate.py on chebi20/validation exit status 4" in table["header"]["failed"][0]
+    cell = table["table"]["variants"]["full"]["test"]["chebi20/validation"]["t2m"]["mrr"]
+    assert cell["n"] == 0 and table["table"]["variants"]["full"]["seeds"] == [0]
+    assert "evaluation error" in (run_dir / ablate.LOG_NAME).read_text()
+    # a split name that does not exist fails at start
+    assert ablate.main([*argv, "--extra_splits", "chebi20/tset"]) == 2
+    assert "no split 'chebi20/tset'" in capsys.readouterr().err
+
+
 # A stand-in trainer that waits to be stopped: counts the signals it gets, exits 0 on SIGTERM
 # (as train.py after saving a checkpoint).
 WAITING_TRAINER = """#!{python}

@@ -4,6 +4,7 @@ evaluate PCdes test and ChEBI-20 test, and write one table (Markdown + JSON), me
     python tools/ablate.py --num_steps 300 --seeds 0,1 --workdir_root runs/ablation
     python tools/ablate.py --variants full,no_u2u --seeds 0 --dry_run   # print the commands
     python tools/ablate.py --list_variants
+    python tools/ablate.py ... --extra_splits chebi20/test   # also evaluate finished runs on it
 
 Every run is `python train.py --config BASE --workdir ROOT/<variant>/seed<seed> --config.k=v ...`
 in a subprocess, its output in ``ROOT/<variant>/seed<seed>/train.log``; runs never overlap (a
@@ -11,6 +12,11 @@ lock on ROOT). train.py evaluates the data.test_splits of the base config (quick
 and ChEBI-20 test) with the pool protocol, both directions, tie-aware, on the final weights; this
 tool reads those results (``eval/*.json``), ``metrics.jsonl`` (discriminator accuracy over
 training, the validation modality gap) and the log (seconds spent on the test evaluation).
+
+Extra splits (``--extra_splits``): evaluated after training by ``evaluate.py`` on the run's final
+checkpoint (pool protocol, ``--step`` = the budget), also for runs finished before, so a split can
+be added to a finished ablation without training anything again; they are not part of a run's
+settings. A failed extra evaluation is reported and leaves that split's cells empty.
 
 Resuming: a run whose ``ablation_result.json`` exists is not trained again; an unfinished run
 is started again with the same command, which resumes from its last checkpoint (train.py's own
@@ -212,6 +218,7 @@ class Run:
       config_path: absolute path of the base config file.
       test_splits: the splits train.py evaluates at the end.
       num_steps: the budget.
+      extra_splits: splits evaluate.py evaluates afterwards on the final checkpoint.
     """
 
     variant: str
@@ -221,6 +228,12 @@ class Run:
     config_path: str
     test_splits: tuple[str, ...]
     num_steps: int
+    extra_splits: tuple[str, ...] = ()
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        """Every split of the run's results: train.py's, then the extra ones."""
+        return (*self.test_splits, *(s for s in self.extra_splits if s not in self.test_splits))
 
     def command(self, python: str = sys.executable) -> list[str]:
         return [
@@ -231,6 +244,21 @@ class Run:
             "--workdir",
             str(self.workdir),
             *self.flags,
+        ]
+
+    def evaluate_command(self, split: str, python: str = sys.executable) -> list[str]:
+        """evaluate.py on the final checkpoint (``--step`` = the budget), pool protocol."""
+        return [
+            python,
+            str(REPO / "evaluate.py"),
+            "--workdir",
+            str(self.workdir),
+            "--split",
+            split,
+            "--protocol",
+            "pool",
+            "--step",
+            str(self.num_steps),
         ]
 
     def spec(self) -> dict:
@@ -250,6 +278,7 @@ def plan_runs(
     num_steps: int,
     workdir_root: Path,
     extra: Sequence[tuple[str, str]] = (),
+    extra_splits: Sequence[str] = (),
 ) -> list[Run]:
     """Every (variant, seed) run, in the order they train (seed-major: every variant of the
     first seed before the second seed, so a partial ablation covers all variants).
@@ -263,6 +292,12 @@ def plan_runs(
         raise AblationError(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
     if num_steps <= 0:
         raise AblationError(f"--num_steps must be > 0, got {num_steps}")
+    data_dir = Path(os.environ.get("JAXMOL_DATA_DIR") or REPO / "data")
+    for split in extra_splits:
+        if not split.startswith("tsv:") and not (data_dir / f"{split}.tsv").exists():
+            raise AblationError(
+                f"--extra_splits: no split {split!r} in {data_dir} (e.g. chebi20/test)"
+            )
     config_path = os.path.abspath(cli.resolve_config_path(base_config))
     texts = dict(extra)
     if "num_steps" in texts or "seed" in texts:
@@ -291,6 +326,7 @@ def plan_runs(
                     config_path=config_path,
                     test_splits=tuple(configs[name].data.test_splits),
                     num_steps=num_steps,
+                    extra_splits=tuple(extra_splits),
                 )
             )
     return runs
@@ -349,23 +385,22 @@ def _end_with_parent_hook():
     return end_with_parent
 
 
-def train_once(run: Run, python: str) -> tuple[int, float, int | None]:
-    """Runs train.py for `run` once, output appended to its log.
+def _run_logged(
+    command: Sequence[str], workdir: Path, title: str
+) -> tuple[int, float, int | None, str]:
+    """Runs `command` once in `workdir`'s log (appended, after a ``===== ablate: TITLE`` line).
 
     The child runs in its own session, so a Ctrl-C at the terminal reaches this tool only,
     which passes each SIGINT / SIGTERM on to the child exactly once (train.py saves a
     checkpoint on the first and leaves at once on a second).
 
     Returns:
-      (return code, wall seconds, the first signal passed on or None).
+      (return code, wall seconds, the first signal passed on or None, start time).
     """
-    run.workdir.mkdir(parents=True, exist_ok=True)
-    _write_json(run.workdir / RUN_SPEC_NAME, run.spec())
-    command = run.command(python)
     started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     received: list[int] = []
-    with (run.workdir / LOG_NAME).open("a") as log:
-        log.write(f"\n===== ablate: attempt started {started}\n===== {shlex.join(command)}\n")
+    with (workdir / LOG_NAME).open("a") as log:
+        log.write(f"\n===== ablate: {title} {started}\n===== {shlex.join(command)}\n")
         log.flush()
         start = time.monotonic()
         child = subprocess.Popen(
@@ -389,6 +424,21 @@ def train_once(run: Run, python: str) -> tuple[int, float, int | None]:
                 signal.signal(signum, handler)
         wall = time.monotonic() - start
         log.write(f"\n===== ablate: exit status {returncode} after {wall:.1f} s\n")
+    return returncode, wall, (received[0] if received else None), started
+
+
+def train_once(run: Run, python: str) -> tuple[int, float, int | None]:
+    """Runs train.py for `run` once, output appended to its log (`_run_logged`).
+
+    Returns:
+      (return code, wall seconds, the first signal passed on or None).
+    """
+    run.workdir.mkdir(parents=True, exist_ok=True)
+    _write_json(run.workdir / RUN_SPEC_NAME, run.spec())
+    returncode, wall, signum, started = _run_logged(
+        run.command(python), run.workdir, "attempt started"
+    )
+    received = [] if signum is None else [signum]
     with (run.workdir / ATTEMPTS_NAME).open("a") as f:
         f.write(
             json.dumps(
@@ -396,7 +446,40 @@ def train_once(run: Run, python: str) -> tuple[int, float, int | None]:
             )
             + "\n"
         )
-    return returncode, wall, (received[0] if received else None)
+    return returncode, wall, signum
+
+
+def _final_result_path(run: Run, split: str) -> Path | None:
+    """The run's pool result of `split` on the final weights, or None when there is none."""
+    path = run.workdir / "eval" / f"{result_stem(split)}.json"
+    if not path.exists():
+        return None
+    if int(_read_json(path).get("checkpoint_step", -1)) != run.num_steps:
+        return None
+    return path
+
+
+def evaluate_extra_splits(run: Run, python: str) -> tuple[list[str], int | None]:
+    """Runs evaluate.py on the final checkpoint for each extra split without a final result.
+
+    Returns:
+      (failures, one line each; the first signal passed on or None: then nothing more runs).
+    """
+    failures = []
+    for split in run.extra_splits:
+        if split in run.test_splits or _final_result_path(run, split) is not None:
+            continue
+        returncode, _, signum, _ = _run_logged(
+            run.evaluate_command(split, python), run.workdir, f"evaluate {split}"
+        )
+        if signum is not None:
+            return failures, signum
+        if returncode != 0 or _final_result_path(run, split) is None:
+            failures.append(
+                f"{run.variant} seed {run.seed}: evaluate.py on {split} exit status "
+                f"{returncode}, see {run.workdir / LOG_NAME}"
+            )
+    return failures, None
 
 
 def result_stem(split_name: str) -> str:
@@ -455,21 +538,22 @@ def training_diagnostics(records: Sequence[dict]) -> dict:
 
 def eval_seconds(log_text: str) -> dict[str, float]:
     """{split: seconds} of the test evaluations in the last attempt of a log."""
-    last = log_text.rsplit("===== ablate: attempt started", 1)[-1]
+    last = log_text.rsplit("===== ablate: attempt started", 1)[-1]  # and the extra splits after
     return {split: float(s) for split, s in _EVAL_SECONDS.findall(last)}
 
 
 def collect_result(run: Run) -> dict | None:
     """The run's result from its files, or None when it has not finished (no final-weights
-    evaluation of every test split)."""
+    evaluation of every split train.py evaluates). Extra splits are included where their
+    final-weights result exists."""
     test = {}
-    for split in run.test_splits:
-        path = run.workdir / "eval" / f"{result_stem(split)}.json"
-        if not path.exists():
-            return None
+    for split in run.splits:
+        path = _final_result_path(run, split)
+        if path is None:
+            if split in run.test_splits:
+                return None
+            continue
         report = _read_json(path)
-        if int(report.get("checkpoint_step", -1)) != run.num_steps:
-            return None
         test[split] = {
             direction: {
                 key: report[direction][key]
@@ -694,6 +778,11 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="a config override for every run (repeatable), e.g. data.max_eval_pairs=100",
     )
+    parser.add_argument(
+        "--extra_splits",
+        default="",
+        help="comma-separated splits evaluate.py adds on every finished run, e.g. chebi20/test",
+    )
     parser.add_argument("--python", default=sys.executable, help="interpreter that runs train.py")
     parser.add_argument("--dry_run", action="store_true", help="print the commands, train nothing")
     parser.add_argument("--list_variants", action="store_true", help="print the variants and exit")
@@ -712,7 +801,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
         extra = [parse_override(o) for o in args.override]
         root = Path(args.workdir_root).absolute()
-        runs = plan_runs(args.base_config, variants, seeds, args.num_steps, root, extra)
+        extra_splits = [s.strip() for s in args.extra_splits.split(",") if s.strip()]
+        runs = plan_runs(
+            args.base_config, variants, seeds, args.num_steps, root, extra, extra_splits
+        )
         statuses = [run_status(run) for run in runs]
     except (AblationError, ValueError, FileNotFoundError) as error:
         print(f"ablate: error: {error}", file=sys.stderr)
@@ -757,6 +849,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                         f"see {run.workdir / LOG_NAME}"
                     )
                     print(f"{label}: FAILED (exit status {returncode})", flush=True)
+            missing_splits = (
+                [] if result is None else [s for s in run.splits if s not in result["test"]]
+            )
+            if missing_splits and stopped_by is None:
+                print(f"{label}: evaluating {', '.join(missing_splits)}", flush=True)
+                failures, stopped_by = evaluate_extra_splits(run, args.python)
+                failed += failures
+                updated = collect_result(run)
+                if updated is not None and updated["test"] != result["test"]:
+                    result = updated
+                    _write_json(run.workdir / RESULT_NAME, result)
             if result is not None:
                 results.append(result)
     finally:
@@ -768,7 +871,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "num_steps": args.num_steps,
         "seeds": seeds,
         "variants": variants,
-        "splits": list(runs[0].test_splits) if runs else [],
+        "splits": list(runs[0].splits) if runs else [],
         "extra_overrides": [f"{k}={v}" for k, v in extra],
         "command": shlex.join(
             ["python", "tools/ablate.py", *(sys.argv[1:] if argv is None else argv)]
