@@ -110,6 +110,10 @@ VARIANTS: dict[str, Variant] = {
         "GRL at weight 1 with the DANN ramp of the reversal scale (0 -> 1)",
         {"loss.adversary": "grl", "loss.adv_weight": 1.0, "loss.grl_schedule": "dann"},
     ),
+    "grl_dann_w0.1": Variant(
+        "GRL at weight 0.1 with the DANN ramp of the reversal scale (0 -> 1)",
+        {"loss.adversary": "grl", "loss.adv_weight": 0.1, "loss.grl_schedule": "dann"},
+    ),
     "grl_dann_smooth": Variant(
         "grl_dann with discriminator label smoothing 0.1",
         {
