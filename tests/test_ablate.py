@@ -266,6 +266,15 @@ def test_extra_splits_are_evaluated_on_finished_runs_without_retraining(tmp_path
     cell = table["table"]["variants"]["full"]["test"]["chebi20/validation"]["t2m"]["mrr"]
     assert cell["n"] == 0 and table["table"]["variants"]["full"]["seeds"] == [0]
     assert "evaluation error" in (run_dir / ablate.LOG_NAME).read_text()
+    capsys.readouterr()
+    # --table_only: the table of what is finished, nothing runs (not even the failed split)
+    assert ablate.main([*argv, "--extra_splits", "chebi20/validation", "--table_only"]) == 0
+    assert "evaluating" not in capsys.readouterr().out
+    assert ablate.main([*argv, "--seeds", "0,1", "--table_only"]) == 0
+    assert "full seed 1: not finished" in capsys.readouterr().out
+    assert not (root / "full" / "seed1").exists()
+    header = json.loads((root / "ablation.json").read_text())["header"]
+    assert header["missing"] == ["full seed 1"] and header["failed"] == []
     # a split name that does not exist fails at start
     assert ablate.main([*argv, "--extra_splits", "chebi20/tset"]) == 2
     assert "no split 'chebi20/tset'" in capsys.readouterr().err

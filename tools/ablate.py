@@ -5,6 +5,7 @@ evaluate PCdes test and ChEBI-20 test, and write one table (Markdown + JSON), me
     python tools/ablate.py --variants full,no_u2u --seeds 0 --dry_run   # print the commands
     python tools/ablate.py --list_variants
     python tools/ablate.py ... --extra_splits chebi20/test   # also evaluate finished runs on it
+    python tools/ablate.py ... --table_only    # the table of what is finished; runs nothing
 
 Every run is `python train.py --config BASE --workdir ROOT/<variant>/seed<seed> --config.k=v ...`
 in a subprocess, its output in ``ROOT/<variant>/seed<seed>/train.log``; runs never overlap (a
@@ -788,6 +789,11 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="comma-separated splits evaluate.py adds on every finished run, e.g. chebi20/test",
     )
     parser.add_argument("--python", default=sys.executable, help="interpreter that runs train.py")
+    parser.add_argument(
+        "--table_only",
+        action="store_true",
+        help="write the table of the finished runs; train and evaluate nothing",
+    )
     parser.add_argument("--dry_run", action="store_true", help="print the commands, train nothing")
     parser.add_argument("--list_variants", action="store_true", help="print the variants and exit")
     return parser.parse_args(argv)
@@ -840,6 +846,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if (run.workdir / RESULT_NAME).exists():
                 result = _read_json(run.workdir / RESULT_NAME)
                 print(f"{label}: done before, not retrained", flush=True)
+            elif args.table_only:
+                print(f"{label}: not finished", flush=True)
             elif stopped_by is None:
                 print(f"{label}: training ({run.workdir / LOG_NAME})", flush=True)
                 returncode, wall, stopped_by = train_once(run, args.python)
@@ -856,7 +864,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             missing_splits = (
                 [] if result is None else [s for s in run.splits if s not in result["test"]]
             )
-            if missing_splits and stopped_by is None:
+            if missing_splits and stopped_by is None and not args.table_only:
                 print(f"{label}: evaluating {', '.join(missing_splits)}", flush=True)
                 failures, stopped_by = evaluate_extra_splits(run, args.python)
                 failed += failures
