@@ -138,3 +138,24 @@ def test_gcn_parameter_count(gcn, capsys):
     with capsys.disabled():
         print(f"\n[param count] official GCN + head: {trainable:,} trainable, {table.size:,} fixed")
     assert trainable == expected
+
+
+def test_the_default_mol2vec_table_follows_the_data_folder(tmp_path, monkeypatch):
+    """--data_dir / $JAXMOL_DATA_DIR move the mol2vec table with the splits (the featuriser's
+    vocabulary and the GCN's table), and the cache never serves the other folder's table."""
+    from jaxmol.data import datasets, featurize
+
+    shipped = load_mol2vec_table()
+    table = tmp_path / featurize.MOL2VEC_TABLE_NAME
+    table.parent.mkdir(parents=True)
+    embeddings = np.arange(2 * 300, dtype=np.float32).reshape(2, 300)
+    np.savez(table, keys=np.asarray(["UNK", "123"]), embeddings=embeddings)
+    monkeypatch.setattr(datasets, "DATA_DIR", tmp_path)
+    assert featurize.default_mol2vec_table() == table
+    assert featurize.Mol2VecVocabulary.load().row_of == {"UNK": 0, "123": 1}
+    np.testing.assert_array_equal(load_mol2vec_table(), embeddings)
+    monkeypatch.setattr(datasets, "DATA_DIR", tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="mol2vec table not found"):
+        load_mol2vec_table()
+    monkeypatch.undo()
+    np.testing.assert_array_equal(load_mol2vec_table(), shipped)

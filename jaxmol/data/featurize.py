@@ -69,7 +69,18 @@ _BOND_INDEX = [{value: i for i, value in enumerate(values)} for _, values in BON
 FEATURIZERS = ("ogb", "mol2vec")
 
 _DATA_DIR = Path(__file__).resolve().parents[2] / "data"
-DEFAULT_MOL2VEC_TABLE = _DATA_DIR / "text2mol" / "mol2vec_token_embeddings.npz"
+MOL2VEC_TABLE_NAME = Path("text2mol") / "mol2vec_token_embeddings.npz"
+# The checkout's table. What the code reads by default is `default_mol2vec_table()`, which
+# follows --data_dir / $JAXMOL_DATA_DIR like the splits do.
+DEFAULT_MOL2VEC_TABLE = _DATA_DIR / MOL2VEC_TABLE_NAME
+
+
+def default_mol2vec_table() -> Path:
+    """The mol2vec table of the data folder in use (`jaxmol.data.datasets.DATA_DIR`, which
+    `jaxmol.cli.use_data_dir` points at --data_dir or $JAXMOL_DATA_DIR)."""
+    from jaxmol.data import datasets  # at call time: use_data_dir may have moved DATA_DIR
+
+    return Path(datasets.DATA_DIR) / MOL2VEC_TABLE_NAME
 
 
 class InvalidSmilesError(ValueError):
@@ -222,8 +233,9 @@ class Mol2VecVocabulary:
     sha256: str
 
     @classmethod
-    def load(cls, path: str | os.PathLike = DEFAULT_MOL2VEC_TABLE) -> Mol2VecVocabulary:
-        path = Path(path)
+    def load(cls, path: str | os.PathLike | None = None) -> Mol2VecVocabulary:
+        """Reads the table at `path` (None: `default_mol2vec_table()`)."""
+        path = Path(path) if path is not None else default_mol2vec_table()
         if not path.is_file():
             raise FileNotFoundError(f"mol2vec table not found: {path}")
         with np.load(path) as table:
@@ -407,7 +419,7 @@ def featurize_split(
     on_invalid: str = "error",
     cache_dir: str | os.PathLike | None = None,
     use_cache: bool = True,
-    mol2vec_table: str | os.PathLike = DEFAULT_MOL2VEC_TABLE,
+    mol2vec_table: str | os.PathLike | None = None,
 ) -> FeaturizedSplit:
     """Featurises every molecule of a split, with an on-disk cache.
 
@@ -423,7 +435,7 @@ def featurize_split(
         'skip' logs the count and the ids and marks the rows invalid (see `failures`).
       cache_dir: where cache files live; default `default_cache_dir()`.
       use_cache: False always recomputes (and does not write).
-      mol2vec_table: the mol2vec .npz table (for 'mol2vec').
+      mol2vec_table: the mol2vec .npz table (for 'mol2vec'); None: `default_mol2vec_table()`.
 
     Returns:
       A `FeaturizedSplit`.

@@ -19,6 +19,7 @@ Padding: padding edges count in no degree and send no message; padding node stat
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -30,12 +31,20 @@ from jax import lax
 from jaxmol.models.layers import TorchDense, edge_padding_mask, node_padding_mask
 
 
-@functools.lru_cache(maxsize=4)
 def load_mol2vec_table(path: str | None = None) -> np.ndarray:
-    """float32 [V, 300]: the mol2vec table (default: the shipped Text2Mol table)."""
-    from jaxmol.data.featurize import DEFAULT_MOL2VEC_TABLE, Mol2VecVocabulary
+    """float32 [V, 300]: the mol2vec table (default: the Text2Mol table of the data folder in
+    use, `jaxmol.data.featurize.default_mol2vec_table`)."""
+    from jaxmol.data.featurize import default_mol2vec_table
 
-    return Mol2VecVocabulary.load(path or DEFAULT_MOL2VEC_TABLE).embeddings
+    return _load_mol2vec_embeddings(str(Path(path) if path else default_mol2vec_table()))
+
+
+@functools.lru_cache(maxsize=4)
+def _load_mol2vec_embeddings(path: str) -> np.ndarray:
+    """Cached by the resolved path, so moving the data folder is never masked by the cache."""
+    from jaxmol.data.featurize import Mol2VecVocabulary
+
+    return Mol2VecVocabulary.load(path).embeddings
 
 
 class GCNConv(nn.Module):
