@@ -80,6 +80,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # runnable from a checkout; configs import `configs.default`
 
+from jaxmol import allocator  # noqa: E402
+
+# As the CLI does (jaxmol.allocator); JAXMOL_KEEP_FREED_MEMORY=0 measures glibc's default.
+KEEPS_FREED_MEMORY = allocator.keep_freed_memory()
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -416,6 +421,7 @@ def main() -> None:
         "devices": [str(d) for d in jax.devices()],
         "cpus": os.cpu_count(),
         "machine": platform.processor() or platform.machine(),
+        "keep_freed_memory": KEEPS_FREED_MEMORY,
         "load_average_start": os.getloadavg(),
         "probe_start": matmul_probe(),
         "configs": {},

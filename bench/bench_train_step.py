@@ -5,10 +5,12 @@
 
 For each text length bucket it builds one batch of `batch_size` PCdes train pairs whose texts
 fit that bucket, compiles the step (first call) and reports the median of `--steps` further
-calls. Numbers depend on the machine load: run it on an idle machine.
+calls, with the minor page faults and the kernel (system) CPU seconds per step of this process
+(`getrusage`). Numbers depend on the machine load: run it on an idle machine.
 """
 
 import os
+import resource
 import statistics
 import sys
 import time
@@ -16,15 +18,20 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import jax
-from absl import app, flags
-from ml_collections import config_flags
+from jaxmol import allocator
 
-from jaxmol import builders, train_step
-from jaxmol.data.batching import PairBatcher
-from jaxmol.data.datasets import load_split
-from jaxmol.models.retrieval import RetrievalModel
-from jaxmol.parallel import DataParallel, select_devices
+# As the CLI does (jaxmol.allocator); JAXMOL_KEEP_FREED_MEMORY=0 measures glibc's default.
+KEEPS_FREED_MEMORY = allocator.keep_freed_memory()
+
+import jax  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from jaxmol import builders, train_step  # noqa: E402
+from jaxmol.data.batching import PairBatcher  # noqa: E402
+from jaxmol.data.datasets import load_split  # noqa: E402
+from jaxmol.models.retrieval import RetrievalModel  # noqa: E402
+from jaxmol.parallel import DataParallel, select_devices  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/quickstart.py", "Run config.", lock_config=True)
@@ -54,7 +61,8 @@ def main(argv):
     state = runner.replicate(state)
     print(
         f"devices={runner.num_devices} batch={config.batch_size} "
-        f"freeze_bert_layers={config.optim.freeze_bert_layers}"
+        f"freeze_bert_layers={config.optim.freeze_bert_layers} "
+        f"keep_freed_memory={KEEPS_FREED_MEMORY}"
     )
     for bucket in (int(x) for x in FLAGS.lengths.split(",")):
         smaller = [b for b in config.data.text_buckets if b < bucket]
@@ -66,15 +74,22 @@ def main(argv):
         jax.block_until_ready(metrics["loss"])
         compile_s = time.perf_counter() - start
         times = []
+        usage = resource.getrusage(resource.RUSAGE_SELF)
         for _ in range(FLAGS.steps):
             start = time.perf_counter()
             state, metrics = step(state, batch)
             jax.block_until_ready(metrics["loss"])
             times.append(time.perf_counter() - start)
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        faults = (after.ru_minflt - usage.ru_minflt) / FLAGS.steps
+        kernel_s = (after.ru_stime - usage.ru_stime) / FLAGS.steps
+        user_s = (after.ru_utime - usage.ru_utime) / FLAGS.steps
         print(
             f"L={bucket:4d} nodes={batch['graphs'].nodes.shape[-2]:6d} "
             f"first call {compile_s:6.1f} s  step median {statistics.median(times):6.2f} s "
-            f"(min {min(times):.2f})  pairs/s {config.batch_size / statistics.median(times):.1f}"
+            f"(min {min(times):.2f})  pairs/s {config.batch_size / statistics.median(times):.1f}  "
+            f"per step: {faults / 1e3:.0f} k minor faults, kernel {kernel_s:.2f} s, "
+            f"user {user_s:.2f} s"
         )
 
 

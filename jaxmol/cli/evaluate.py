@@ -16,7 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a model hub
 
 from absl import app, flags
 
-from jaxmol import evaluation
+from jaxmol import allocator, evaluation
 from jaxmol.cli import run_guarded, setup_logging, use_data_dir
 from jaxmol.scoring import MOMU_INBATCH_SIZE, MOMU_SHUFFLE_SEED
 
@@ -145,6 +145,7 @@ def _flat_paths(files) -> list[str]:
 
 def run() -> None:
     """Entry point (`jaxmol-evaluate`, `python evaluate.py`)."""
+    allocator.keep_freed_memory()  # before JAX starts its threads (jaxmol.allocator)
     app.run(main)
 
 

@@ -39,7 +39,7 @@ from pathlib import Path
 
 from absl import app, flags
 
-from jaxmol import cli
+from jaxmol import allocator, cli
 from jaxmol.config import ConfigError
 
 COMMANDS = ("build", "query", "serve")
@@ -352,6 +352,7 @@ def main(argv):
 
 def run() -> None:
     """Entry point (`jaxmol-search`, `python search.py`)."""
+    allocator.keep_freed_memory()  # before JAX starts its threads (jaxmol.allocator)
     app.run(main)
 
 

@@ -16,7 +16,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from jaxmol import cli
+from jaxmol import allocator, cli
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -57,6 +57,7 @@ def main(argv):
 
 def run(argv=None) -> None:
     """Entry point (`jaxmol-train`, `python train.py`)."""
+    allocator.keep_freed_memory()  # before JAX starts its threads (jaxmol.allocator)
     app.run(main, argv=cli.prepare_config_argv(sys.argv if argv is None else argv))
 
 
