@@ -82,7 +82,7 @@ sys.path.insert(0, str(ROOT))  # runnable from a checkout; configs import `confi
 
 from jaxmol import allocator  # noqa: E402
 
-# As the CLI does (jaxmol.allocator); JAXMOL_KEEP_FREED_MEMORY=0 measures glibc's default.
+# As the CLI does: glibc defaults unless JAXMOL_KEEP_FREED_MEMORY=1 (jaxmol.allocator).
 KEEPS_FREED_MEMORY = allocator.keep_freed_memory()
 
 import jax  # noqa: E402

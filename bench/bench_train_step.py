@@ -20,7 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from jaxmol import allocator
 
-# As the CLI does (jaxmol.allocator); JAXMOL_KEEP_FREED_MEMORY=0 measures glibc's default.
+# As the CLI does: glibc defaults unless JAXMOL_KEEP_FREED_MEMORY=1 (jaxmol.allocator).
 KEEPS_FREED_MEMORY = allocator.keep_freed_memory()
 
 import jax  # noqa: E402

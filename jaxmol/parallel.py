@@ -204,7 +204,9 @@ class DataParallel:
                 devices=self.devices,
                 donate_argnums=donate_argnums,
             )
-            return self._started_together(mapped) if self.multiprocess else mapped
+            return _trimmed_after_compiles(
+                self._started_together(mapped) if self.multiprocess else mapped
+            )
 
         def local(*args):
             args = tuple(
@@ -236,8 +238,8 @@ class DataParallel:
             return compiled[len(args)]
 
         if self.multiprocess:
-            return self._compiled_together(jitted)
-        return lambda *args: jitted(*args)(*args)
+            return _trimmed_after_compiles(self._compiled_together(jitted))
+        return _trimmed_after_compiles(lambda *args: jitted(*args)(*args))
 
     def _started_together(self, mapped: Callable) -> Callable:
         """Several processes, pmap: every process waits at a barrier before the first run of
@@ -283,6 +285,25 @@ class DataParallel:
             return executable(*args)
 
         return run
+
+
+def _trimmed_after_compiles(program: Callable) -> Callable:
+    """`program`, which hands the heap's free memory back to the kernel after the first call of
+    each new input signature (`jaxmol.allocator.release_free_memory`: the compile's freed
+    working set, kept resident otherwise when the CLI keeps freed memory)."""
+    from jaxmol import allocator
+
+    seen: set = set()
+
+    def run(*args):
+        outputs = program(*args)
+        key = _signature(args)
+        if key not in seen:
+            seen.add(key)
+            allocator.release_free_memory()
+        return outputs
+
+    return run
 
 
 def _signature(args: tuple) -> tuple:

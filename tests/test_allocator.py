@@ -1,5 +1,5 @@
-"""jaxmol.allocator: freed XLA temporaries stay resident for the next execution (no fresh page
-faults), and the switch turns it off."""
+"""jaxmol.allocator: with JAXMOL_KEEP_FREED_MEMORY=1, freed XLA temporaries stay resident for
+the next execution (no fresh page faults); without it nothing changes."""
 
 import json
 import os
@@ -29,7 +29,13 @@ before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(4):
     f(x).block_until_ready()
 faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 4
-print(json.dumps({"applied": applied, "faults": faults}))
+def resident_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+kept = resident_mb()
+released = allocator.release_free_memory()
+print(json.dumps({"applied": applied, "faults": faults, "released": released,
+                  "kept_mb": kept, "after_release_mb": resident_mb()}))
 """
 TEMP_PAGES = 2 * 64 * 2**20 // 4096  # the two temporaries, in 4 KiB pages
 
@@ -51,9 +57,16 @@ def test_freed_temporaries_are_reused_without_new_page_faults():
     assert off["faults"] > 0.8 * TEMP_PAGES, off
     # On: the freed blocks are reused.
     assert on["faults"] < 0.25 * off["faults"], (on, off)
+    # release_free_memory hands the kept temporaries (>= 128 MB) back; off, there is nothing kept
+    assert on["released"] and on["after_release_mb"] < on["kept_mb"] - 100, on
+    assert not off["released"]
 
 
-def test_the_switch_is_read_once_and_off_means_off(monkeypatch):
+def test_off_unless_asked_and_the_first_call_decides(monkeypatch):
+    monkeypatch.setattr(allocator, "_applied", None)
+    monkeypatch.delenv(allocator.ENV_SWITCH, raising=False)
+    assert allocator.keep_freed_memory() is False  # opt-in
+    assert allocator.release_free_memory() is False  # nothing kept, nothing to release
     monkeypatch.setattr(allocator, "_applied", None)
     monkeypatch.setenv(allocator.ENV_SWITCH, "0")
     assert allocator.keep_freed_memory() is False

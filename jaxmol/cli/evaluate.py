@@ -145,7 +145,7 @@ def _flat_paths(files) -> list[str]:
 
 def run() -> None:
     """Entry point (`jaxmol-evaluate`, `python evaluate.py`)."""
-    allocator.keep_freed_memory()  # before JAX starts its threads (jaxmol.allocator)
+    allocator.keep_freed_memory()  # opt-in (jaxmol.allocator); before JAX starts its threads
     app.run(main)
 
 

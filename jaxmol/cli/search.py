@@ -352,7 +352,7 @@ def main(argv):
 
 def run() -> None:
     """Entry point (`jaxmol-search`, `python search.py`)."""
-    allocator.keep_freed_memory()  # before JAX starts its threads (jaxmol.allocator)
+    allocator.keep_freed_memory()  # opt-in (jaxmol.allocator); before JAX starts its threads
     app.run(main)
 
 

@@ -57,7 +57,7 @@ def main(argv):
 
 def run(argv=None) -> None:
     """Entry point (`jaxmol-train`, `python train.py`)."""
-    allocator.keep_freed_memory()  # before JAX starts its threads (jaxmol.allocator)
+    allocator.keep_freed_memory()  # opt-in (jaxmol.allocator); before JAX starts its threads
     app.run(main, argv=cli.prepare_config_argv(sys.argv if argv is None else argv))
 
 
