@@ -831,11 +831,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from jaxmol.workdir import WorkdirLock, WorkdirLockedError
 
-    try:
-        lock = WorkdirLock(root)  # one ablation (hence one training) at a time per root
-    except WorkdirLockedError as error:
-        print(f"ablate: error: {error}", file=sys.stderr)
-        return 6
+    lock = None  # --table_only reads finished results only, also while an ablation runs
+    if not args.table_only:
+        try:
+            lock = WorkdirLock(root)  # one ablation (hence one training) at a time per root
+        except WorkdirLockedError as error:
+            print(f"ablate: error: {error}", file=sys.stderr)
+            return 6
     results: list[dict] = []
     failed: list[str] = []
     stopped_by = None
@@ -875,7 +877,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if result is not None:
                 results.append(result)
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
     done = {(r["variant"], r["seed"]) for r in results}
     missing = [f"{r.variant} seed {r.seed}" for r in runs if (r.variant, r.seed) not in done]
     header = {
