@@ -293,6 +293,8 @@ def _trimmed_after_compiles(program: Callable) -> Callable:
     working set, kept resident otherwise when the CLI keeps freed memory)."""
     from jaxmol import allocator
 
+    if not allocator.keep_freed_memory():  # the default: glibc trims by itself, nothing to add
+        return program
     seen: set = set()
 
     def run(*args):
@@ -309,4 +311,7 @@ def _trimmed_after_compiles(program: Callable) -> Callable:
 def _signature(args: tuple) -> tuple:
     """What a compiled program is specialised on: the tree structure, shapes and dtypes."""
     leaves, treedef = jax.tree.flatten(args)
-    return treedef, tuple((np.shape(x), np.result_type(x)) for x in leaves)
+    # x.dtype where there is one: np.result_type(array) is deprecated in NumPy 2
+    return treedef, tuple(
+        (np.shape(x), x.dtype if hasattr(x, "dtype") else np.result_type(x)) for x in leaves
+    )

@@ -73,3 +73,27 @@ def test_off_unless_asked_and_the_first_call_decides(monkeypatch):
     monkeypatch.setenv(allocator.ENV_SWITCH, "1")
     assert allocator.keep_freed_memory() is False  # the first call decided
     assert os.environ[allocator.ENV_SWITCH] == "1"
+
+
+@pytest.mark.parametrize("mode", ["shard_map", "pmap"])
+def test_the_runner_releases_memory_after_each_new_program_only_when_kept(monkeypatch, mode):
+    import jax
+    import jax.numpy as jnp
+
+    from jaxmol.parallel import DataParallel
+
+    releases = []
+    monkeypatch.setattr(allocator, "release_free_memory", lambda: releases.append(1) or True)
+    runner = DataParallel(mode, jax.devices()[:2])
+
+    def double(x):
+        return (2 * x,)
+
+    for kept in (False, True):
+        monkeypatch.setattr(allocator, "_applied", kept)
+        releases.clear()
+        run = runner.run(double, replicated_args=(), out_kinds=("sharded",))
+        for shape in [(2, 3), (2, 3), (2, 5), (2, 3)]:
+            (out,) = run(jnp.ones(shape))
+            assert out.shape == shape and float(out.sum()) == 2 * out.size
+        assert len(releases) == (2 if kept else 0)  # two input signatures
