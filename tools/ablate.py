@@ -297,11 +297,12 @@ def plan_runs(
         raise AblationError(f"unknown variant(s) {unknown}; known: {', '.join(VARIANTS)}")
     if num_steps <= 0:
         raise AblationError(f"--num_steps must be > 0, got {num_steps}")
-    data_dir = Path(os.environ.get("JAXMOL_DATA_DIR") or REPO / "data")
+    from jaxmol.data.datasets import SPLIT_NAMES  # the split registry (standard library only)
+
     for split in extra_splits:
-        if not split.startswith("tsv:") and not (data_dir / f"{split}.tsv").exists():
+        if not split.startswith("tsv:") and split not in SPLIT_NAMES:
             raise AblationError(
-                f"--extra_splits: no split {split!r} in {data_dir} (e.g. chebi20/test)"
+                f"--extra_splits: no split {split!r}; known: {', '.join(SPLIT_NAMES)}, or tsv:PATH"
             )
     config_path = os.path.abspath(cli.resolve_config_path(base_config))
     texts = dict(extra)
@@ -454,14 +455,13 @@ def train_once(run: Run, python: str) -> tuple[int, float, int | None]:
     return returncode, wall, signum
 
 
-def _final_result_path(run: Run, split: str) -> Path | None:
-    """The run's pool result of `split` on the final weights, or None when there is none."""
+def _final_result(run: Run, split: str) -> dict | None:
+    """The run's pool report of `split` on the final weights, or None when there is none."""
     path = run.workdir / "eval" / f"{result_stem(split)}.json"
     if not path.exists():
         return None
-    if int(_read_json(path).get("checkpoint_step", -1)) != run.num_steps:
-        return None
-    return path
+    report = _read_json(path)
+    return report if int(report.get("checkpoint_step", -1)) == run.num_steps else None
 
 
 def evaluate_extra_splits(run: Run, python: str) -> tuple[list[str], int | None]:
@@ -472,14 +472,14 @@ def evaluate_extra_splits(run: Run, python: str) -> tuple[list[str], int | None]
     """
     failures = []
     for split in run.extra_splits:
-        if split in run.test_splits or _final_result_path(run, split) is not None:
+        if split in run.test_splits or _final_result(run, split) is not None:
             continue
         returncode, _, signum, _ = _run_logged(
             run.evaluate_command(split, python), run.workdir, f"evaluate {split}"
         )
         if signum is not None:
             return failures, signum
-        if returncode != 0 or _final_result_path(run, split) is None:
+        if returncode != 0 or _final_result(run, split) is None:
             failures.append(
                 f"{run.variant} seed {run.seed}: evaluate.py on {split} exit status "
                 f"{returncode}, see {run.workdir / LOG_NAME}"
@@ -553,12 +553,11 @@ def collect_result(run: Run) -> dict | None:
     final-weights result exists."""
     test = {}
     for split in run.splits:
-        path = _final_result_path(run, split)
-        if path is None:
+        report = _final_result(run, split)
+        if report is None:
             if split in run.test_splits:
                 return None
             continue
-        report = _read_json(path)
         test[split] = {
             direction: {
                 key: report[direction][key]
