@@ -37,11 +37,13 @@ import tempfile
 import time
 from pathlib import Path
 
-DUMP_DIR = tempfile.mkdtemp(prefix="jaxmol_profile_hlo_")
-# Before JAX starts: XLA writes every module's optimised HLO (text) here.
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={DUMP_DIR} --xla_dump_hlo_as_text"
-)
+# Run as a script, before JAX starts: XLA writes every module's optimised HLO (text) here.
+# Imported (by the tests), nothing is dumped.
+DUMP_DIR = tempfile.mkdtemp(prefix="jaxmol_profile_hlo_") if __name__ == "__main__" else ""
+if DUMP_DIR:
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + f" --xla_dump_to={DUMP_DIR} --xla_dump_hlo_as_text"
+    )
 
 import bench_throughput as bt  # noqa: E402  (sets up sys.path, the allocator and JAX)
 import jax  # noqa: E402
