@@ -91,3 +91,19 @@ def release_free_memory() -> bool:
         return False
     libc = _libc()
     return bool(libc is not None and libc.malloc_trim(ctypes.c_size_t(0)))
+
+
+def resident_memory_mb() -> dict[str, float]:
+    """This process's resident memory now and its peak so far, in MB (``rss_mb``,
+    ``peak_rss_mb``: VmRSS and VmHWM of /proc/self/status); empty where /proc is missing."""
+    fields = {"VmRSS:": "rss_mb", "VmHWM:": "peak_rss_mb"}
+    found: dict[str, float] = {}
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                key = line.split(maxsplit=1)[0] if line.strip() else ""
+                if key in fields:
+                    found[fields[key]] = int(line.split()[1]) / 1024  # kB -> MB
+    except OSError:
+        return {}
+    return found

@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from jaxmol import builders, checkpointing, distributed, evaluation, scoring
+from jaxmol import allocator, builders, checkpointing, distributed, evaluation, scoring
 from jaxmol.config import ConfigError, validate_config
 from jaxmol.data import batching, datasets
 from jaxmol.data.encoding import EncodedSplit, SplitEncoder
@@ -299,6 +299,7 @@ def train(run: TrainRun) -> tuple[TrainState, int]:
                     elapsed = time.perf_counter() - window_start
                     record = {**host, "pairs_per_s": window_pairs / max(elapsed, 1e-9)}
                     record["lr"] = float(lr_schedule(step - 1))
+                    record.update(allocator.resident_memory_mb())  # the run's RSS curve
                     log.write(step, record)
                     progress.set_postfix(
                         loss=f"{host['loss']:.4f}", pairs_s=f"{record['pairs_per_s']:.1f}"
@@ -363,6 +364,9 @@ def evaluate_test_splits(run: TrainRun, state: TrainState, step: int) -> dict:
         )
     if results and distributed.is_primary():
         print(evaluation.format_table(results))
+    memory = allocator.resident_memory_mb()
+    if memory:
+        logger.info("peak resident memory of this process: %.0f MB", memory["peak_rss_mb"])
     return results
 
 

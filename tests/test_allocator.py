@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from jaxmol import allocator
@@ -97,3 +98,14 @@ def test_the_runner_releases_memory_after_each_new_program_only_when_kept(monkey
             (out,) = run(jnp.ones(shape))
             assert out.shape == shape and float(out.sum()) == 2 * out.size
         assert len(releases) == (2 if kept else 0)  # two input signatures
+
+
+def test_resident_memory_follows_an_allocation_and_the_peak_stays():
+    before = allocator.resident_memory_mb()
+    block = np.ones(64 * 2**20 // 8)  # 64 MB, touched
+    during = allocator.resident_memory_mb()
+    del block
+    after = allocator.resident_memory_mb()
+    assert during["rss_mb"] >= before["rss_mb"] + 60
+    assert during["peak_rss_mb"] >= during["rss_mb"]
+    assert after["peak_rss_mb"] >= during["rss_mb"] - 1  # the peak is kept

@@ -203,6 +203,11 @@ def test_training_returns_and_writes_the_test_metrics(trained_run):
     assert [r["step"] for r in log if "loss" in r] == list(range(1, conftest.IN_PROCESS_STEPS + 1))
     assert all(np.isfinite(r["loss"]) for r in log if "loss" in r)
     assert [r["step"] for r in log if "val/mean_mrr" in r] == [2, 4]
+    # The run's memory curve: this process's RSS and its peak so far at every logged step.
+    memory = [(r["rss_mb"], r["peak_rss_mb"]) for r in log if "loss" in r]
+    assert len(memory) == conftest.IN_PROCESS_STEPS
+    assert all(100 < rss <= peak for rss, peak in memory), memory
+    assert [peak for _, peak in memory] == sorted(peak for _, peak in memory)
 
 
 def test_each_checkpoint_carries_only_the_validation_of_its_own_step(trained_run):
