@@ -49,8 +49,7 @@ import bench_throughput as bt  # noqa: E402  (sets up sys.path, the allocator an
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jaxmol import builders, train_step  # noqa: E402
-from jaxmol.models.retrieval import RetrievalModel  # noqa: E402
+from jaxmol import builders  # noqa: E402
 from jaxmol.parallel import DataParallel, select_devices  # noqa: E402
 
 # (component, pattern on the op's JAX source path): the first that matches names the op. The
@@ -183,12 +182,7 @@ def main() -> None:
     if len(batches) < args.steps + 2:
         raise SystemExit(f"only {len(batches)} batches of the most common shape {shape}")
 
-    model_config = builders.model_config_for(config)
-    model = RetrievalModel(model_config)
-    example = jax.tree.map(lambda x: x[0], batcher.make_batch(batches[0]))
-    state, tx, critic_tx = train_step.init_state(config, model, example, total_steps=10_000)
-    step = train_step.compile_train_step(runner, config, model, tx, critic_tx)
-    state = runner.replicate(state)
+    model_config, step, state = bt.compiled_train_step(config, runner, batcher, batches[0])
     host_batches = [batcher.make_batch(rows) for rows in batches[: args.steps + 2]]
 
     def run(batch):

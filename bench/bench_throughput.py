@@ -242,6 +242,17 @@ def _allocate(counts: dict, total_steps: int) -> dict:
     return {k: max(1, round(total_steps * c / total)) for k, c in counts.items()}
 
 
+def compiled_train_step(config, runner, batcher: batching.PairBatcher, rows: np.ndarray):
+    """(model config, the train step over `runner`'s devices, its replicated initial state) for
+    batches shaped like the batch of `rows` (pretrained weights, donation on)."""
+    model_config = builders.model_config_for(config)
+    model = RetrievalModel(model_config)
+    example = jax.tree.map(lambda x: x[0], batcher.make_batch(rows))
+    state, tx, critic_tx = train_step.init_state(config, model, example, total_steps=10_000)
+    step = train_step.compile_train_step(runner, config, model, tx, critic_tx)
+    return model_config, step, runner.replicate(state)
+
+
 # ----------------------------------------------------------------------------------------------
 # The two measurements.
 
@@ -259,12 +270,7 @@ def bench_training(config, runner, train_steps: int, rss: RssSampler | None) -> 
     covered = sum(counts.values()) / len(full)
     plan = _allocate(counts, train_steps)
 
-    model_config = builders.model_config_for(config)
-    model = RetrievalModel(model_config)
-    example = jax.tree.map(lambda x: x[0], batcher.make_batch(full[0]))
-    state, tx, critic_tx = train_step.init_state(config, model, example, total_steps=10_000)
-    step = train_step.compile_train_step(runner, config, model, tx, critic_tx)
-    state = runner.replicate(state)
+    model_config, step, state = compiled_train_step(config, runner, batcher, full[0])
     bert_cfg = model_config.bert
 
     est_time = est_pairs = est_text_flops = est_all_flops = 0.0
