@@ -162,11 +162,7 @@ class RssSampler:
 
     @staticmethod
     def rss_mb() -> float:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-        return float("nan")
+        return allocator.resident_memory_mb().get("rss_mb", float("nan"))
 
     def _run(self):
         while not self._stop.is_set():
