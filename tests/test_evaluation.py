@@ -124,7 +124,11 @@ def test_text_embeddings_do_not_depend_on_the_length_buckets(restored):
     assert batching.eval_text_buckets(100, 16) == (16, 32, 48, 64, 80, 96, 100)
     # Shuffled rows: the output must follow `rows`, not the length order of the batches.
     rows = np.random.default_rng(0).permutation(split.rows)
+    texts_before, seconds_before = embedder.rows["texts"], embedder.seconds["texts"]
     default = embedder.embed_texts(variables, tokens, rows, batch_size=8)  # every 32 tokens
+    # The evaluation log's time split counts this call.
+    assert embedder.rows["texts"] == texts_before + len(rows)
+    assert embedder.seconds["texts"] > seconds_before
     one_length = embedder.embed_texts(
         variables, tokens, rows, batch_size=8, buckets=(tokens.max_length,)
     )
