@@ -301,6 +301,7 @@ def train(run: TrainRun) -> tuple[TrainState, int]:
                     record["lr"] = float(lr_schedule(step - 1))
                     record.update(allocator.resident_memory_mb())  # the run's RSS curve
                     log.write(step, record)
+                    allocator.return_idle_memory()  # what the arenas hold for nothing
                     progress.set_postfix(
                         loss=f"{host['loss']:.4f}", pairs_s=f"{record['pairs_per_s']:.1f}"
                     )
@@ -309,6 +310,7 @@ def train(run: TrainRun) -> tuple[TrainState, int]:
             val_metrics: dict = {}
             if validate_now:
                 val_metrics = _validate(run, state)
+                allocator.return_idle_memory()  # the evaluation's freed buffers and compiles
                 log.write(step, val_metrics)
                 logger.info("step %d validation: %s", step, _short(val_metrics))
             if save_now:
@@ -362,6 +364,7 @@ def evaluate_test_splits(run: TrainRun, state: TrainState, step: int) -> dict:
             checkpoint_step=step,
             weights=f"final weights: step {step}, end of training",
         )
+        allocator.return_idle_memory()
     if results and distributed.is_primary():
         print(evaluation.format_table(results))
     memory = allocator.resident_memory_mb()

@@ -109,3 +109,54 @@ def test_resident_memory_follows_an_allocation_and_the_peak_stays():
     assert during["rss_mb"] >= before["rss_mb"] + 60
     assert during["peak_rss_mb"] >= during["rss_mb"]
     assert after["peak_rss_mb"] >= during["rss_mb"] - 1  # the peak is kept
+
+
+# A worker thread fills its own arena with 16 KiB blocks (below the mmap threshold), then frees
+# all but every 64th: the arena keeps the pages between the survivors resident until
+# `return_idle_memory` trims it. Prints RSS (MB) filled, after the frees and after the trim.
+FRAGMENTED_ARENA = """
+import ctypes, json, threading
+from jaxmol import allocator
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+rss = lambda: allocator.resident_memory_mb()["rss_mb"]
+out = {}
+def work():
+    blocks = [libc.malloc(16384) for _ in range(20000)]  # 312 MiB
+    for b in blocks:
+        ctypes.memset(b, 1, 16384)
+    out["filled"] = rss()
+    for i, b in enumerate(blocks):
+        if i % 64:
+            libc.free(b)
+    out["freed"] = rss()
+    out["returned"] = allocator.return_idle_memory()
+    out["trimmed"] = rss()
+thread = threading.Thread(target=work)
+thread.start()
+thread.join()
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(allocator._libc() is None, reason="glibc only")
+def test_idle_arena_memory_goes_back_to_the_kernel_with_the_default_settings():
+    env = {**conftest.subprocess_env(devices=1), allocator.ENV_SWITCH: "0"}
+    out = subprocess.run(
+        [sys.executable, "-c", FRAGMENTED_ARENA],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    rss = json.loads(out.stdout.strip().splitlines()[-1])
+    assert rss["freed"] > rss["filled"] - 100, rss  # glibc kept the freed pages
+    assert rss["returned"], rss
+    assert rss["trimmed"] < rss["freed"] - 200, rss  # most of the 307 MiB freed came back
+
+
+def test_idle_memory_is_left_alone_when_freed_memory_is_kept(monkeypatch):
+    monkeypatch.setattr(allocator, "_applied", True)
+    assert allocator.return_idle_memory() is False
