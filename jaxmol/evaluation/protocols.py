@@ -46,6 +46,13 @@ TEXT2MOL_TEXT_SPLITS = ("chebi20/train", "chebi20/validation", "chebi20/test")
 TEXT2MOL_KS = (1, 5, 10, 20, 100, 500, 1000)
 
 
+# The log line of `evaluate_split` (bench/bench_evaluate.py and tools/ablate.py read it).
+TIME_SPLIT_FORMAT = (
+    "%s (%s) evaluated in %.1f s: texts %.1f s, molecules %.1f s, other %.1f s; "
+    "%d XLA programs built in %.1f s of it"
+)
+
+
 class ProtocolError(ValueError):
     """A protocol that cannot run on the requested split (or an unknown protocol)."""
 
@@ -334,8 +341,7 @@ def evaluate_split(
     # Texts and molecules include their compiles; "other" is loading, tokenizing, featurising
     # (or reading the featurisation cache) and ranking.
     logger.info(
-        "%s (%s) evaluated in %.1f s: texts %.1f s, molecules %.1f s, other %.1f s; "
-        "%d XLA programs built in %.1f s of it",
+        TIME_SPLIT_FORMAT,
         split_name,
         protocol,
         elapsed,
