@@ -103,6 +103,10 @@ VARIANTS: dict[str, Variant] = {
     "gcn_mol2vec": Variant(
         "the official molecule tower: GCN on mol2vec rows", {"model.mol_encoder": "gcn_mol2vec"}
     ),
+    "gin": Variant(
+        "our GIN on RDKit atom and bond features (the quickstart's tower before it took the GCN)",
+        {"model.mol_encoder": "gin"},
+    ),
     "grl_w1": Variant(
         "GRL at weight 1 (constant reversal scale): the weight alone",
         {"loss.adversary": "grl", "loss.adv_weight": 1.0},
