@@ -1,8 +1,15 @@
-"""Where a train step's time goes: a `jax.profiler` trace of real train steps, every XLA op's
-time attributed to the part of the model that emitted it.
+"""Where a train step's (or an embedding batch's) time goes: a `jax.profiler` trace of real
+train steps, every XLA op's time attributed to the part of the model that emitted it.
 
     python bench/bench_profile.py [--config default] [--steps 3] [--top 15] [--json OUT]
         [--set key=value ...]
+    python bench/bench_profile.py --embed [--config quickstart] [--steps 3]
+
+With `--embed`, the same for evaluation's text embedding instead (`evaluation.Embedder`, eval
+mode, the config's `eval_batch_size`): `--steps` batches of ChEBI-20 test texts of the longest
+evaluation bucket (the most common one at the quickstart's 128 tokens), the FLOPs those texts'
+real tokens cost forward; the weights are zeros (the time of these ops does not depend on
+values).
 
 In one process: the config's train step (as `bench_throughput.py` builds it: pretrained MiniLM,
 donation, real PCdes train batches) is compiled on the batch shape that is most common in a
@@ -18,8 +25,8 @@ and whether the op contains a matmul (`dot`). The report:
   matmul and other ops, forward and backward;
 * the top `--top` ops;
 * the text tower's useful FLOPs (the `bench_throughput` count) divided by the time of the text
-  tower's matmul ops alone: the utilisation the step would reach if everything that is not a
-  matmul took no time (the ceiling left for the non-matmul levers).
+  tower's ops that hold a matmul (a fused op counts whole): the utilisation the step would reach
+  if every other op took no time (the ceiling left for the non-matmul levers).
 
 Op times are summed over the threads that run ops; with XLA running independent ops
 concurrently the sum can exceed the wall time (the report prints both).
@@ -47,9 +54,13 @@ if DUMP_DIR:
 
 import bench_throughput as bt  # noqa: E402  (sets up sys.path, the allocator and JAX)
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxmol import builders  # noqa: E402
+from jaxmol.data import batching, datasets  # noqa: E402
+from jaxmol.evaluation import Embedder  # noqa: E402
+from jaxmol.models.retrieval import RetrievalModel  # noqa: E402
 from jaxmol.parallel import DataParallel, select_devices  # noqa: E402
 
 # (component, pattern on the op's JAX source path): the first that matches names the op. The
@@ -130,6 +141,11 @@ def component_of(op_name: str) -> str:
     return "no source path"
 
 
+def _in_text(name: str, ops: dict[str, dict]) -> bool:
+    """Whether op `name` comes from the BERT text tower (its source path passes through it)."""
+    return "/txt/" in ops[name]["op_name"]
+
+
 def optimised_modules(dump_dir: str) -> set[Path]:
     """The optimised-HLO text files XLA has written to `dump_dir` so far."""
     return set(Path(dump_dir).glob("*after_optimizations.txt"))
@@ -165,14 +181,25 @@ def op_times(trace_dir: str, known: dict[str, dict]) -> tuple[dict[str, float], 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="default", help="configs/<name>.py")
-    parser.add_argument("--steps", type=int, default=3, help="profiled train steps")
+    parser.add_argument("--steps", type=int, default=3, help="profiled train steps (or batches)")
     parser.add_argument("--top", type=int, default=15, help="ops listed by time")
     parser.add_argument("--set", action="append", default=[], help="config key=value")
+    parser.add_argument("--embed", action="store_true", help="profile text embedding instead")
     parser.add_argument("--json", help="write the report here")
     args = parser.parse_args()
 
     config = bt.load_config(args.config, args.set)
     runner = DataParallel(config.parallel, select_devices(config.num_devices))
+    profiled = (
+        profile_embedding(config, runner, args)
+        if args.embed
+        else profile_train(config, runner, args)
+    )
+    report_and_print(args, **profiled)
+
+
+def profile_train(config, runner, args) -> dict:
+    """Traces `args.steps` train steps of the epoch's most common batch shape."""
     batcher = builders.train_batcher(config, builders.split_encoder(config), runner.num_devices)
     full = [rows for rows in batcher.epoch_batches(0) if len(rows) == config.batch_size]
     by_shape = collections.defaultdict(list)
@@ -192,19 +219,105 @@ def main() -> None:
         float(metrics["loss"])  # blocks
         return time.perf_counter() - start
 
+    traced = trace(run, host_batches)
+    profiled = batches[2 : 2 + args.steps]
+    lengths = np.concatenate([batcher.split.tokens.lengths[rows] for rows in profiled])
+    flops = bt.bert_train_flops(lengths, model_config.bert, config.optim.freeze_bert_layers)
+    title = (
+        f"{args.config}: train step, shape L={shape[0]} graph level {shape[1]} rows {shape[2]} "
+        f"({100 * len(batches) / len(full):.0f} % of an epoch's batches)"
+    )
+    shape_info = {"text_length": shape[0], "graph_level": shape[1], "text_rows": shape[2]}
+    return dict(
+        traced,
+        title=title,
+        text_flops=flops / args.steps,
+        shape=shape_info,
+        share_of_epoch=len(batches) / len(full),
+        unit="step",
+    )
+
+
+def profile_embedding(config, runner, args) -> dict:
+    """Traces `args.steps` eval-mode text-embedding batches of ChEBI-20 test texts that fill the
+    longest evaluation bucket."""
+    split = builders.split_encoder(config)(datasets.load_split("chebi20/test"))
+    tokens = split.tokens
+    buckets = batching.eval_text_buckets(tokens.max_length)
+    lower = buckets[-2] if len(buckets) > 1 else 0
+    rows = split.rows[tokens.lengths[split.rows] > lower]  # [n] texts of the longest bucket
+    B = config.eval_batch_size
+    if len(rows) < (args.steps + 2) * B:
+        raise SystemExit(f"only {len(rows)} texts in the bucket ({lower}, {buckets[-1]}]")
+    model = RetrievalModel(builders.model_config_for(config, axis_name=None))
+    embedder = Embedder(model, runner)
+    _, abstract = builders.abstract_variables(config)
+    variables = embedder.replicate(jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract))
+    host_batches = [rows[i * B : (i + 1) * B] for i in range(args.steps + 2)]
+
+    def run(batch_rows):
+        start = time.perf_counter()
+        embedder.embed_texts(variables, tokens, batch_rows, batch_size=B)  # returns host arrays
+        return time.perf_counter() - start
+
+    traced = trace(run, host_batches)
+    lengths = tokens.lengths[np.concatenate(host_batches[2:])]
+    flops = bt.bert_forward_flops(lengths, model.config.bert)
+    title = (
+        f"{args.config}: text embedding, batches of {B} ChEBI-20 test texts at L={buckets[-1]} "
+        f"({float(lengths.mean()):.1f} real tokens per text)"
+    )
+    shape_info = {"text_length": buckets[-1], "batch_size": B}
+    return dict(
+        traced,
+        title=title,
+        text_flops=flops / args.steps,
+        shape=shape_info,
+        share_of_epoch=None,
+        unit="batch",
+    )
+
+
+def trace(run, host_batches: list) -> dict:
+    """Compiles on the first batch (dumping its optimised HLO), warms up on the second and
+    traces the others; the probe is measured around the trace."""
     before_compile = optimised_modules(DUMP_DIR)
     compile_s = run(host_batches[0])
-    step_hlo = largest(optimised_modules(DUMP_DIR) - before_compile)
+    hlo = largest(optimised_modules(DUMP_DIR) - before_compile)
     run(host_batches[1])  # warm-up
     probe_before = bt.matmul_probe()["gflops_median"]
     trace_dir = tempfile.mkdtemp(prefix="jaxmol_profile_trace_")
     with jax.profiler.trace(trace_dir):
         step_s = [run(batch) for batch in host_batches[2:]]
     probe_after = bt.matmul_probe()["gflops_median"]
-    probe = (probe_before + probe_after) / 2
-
-    ops = parse_hlo(step_hlo)
+    ops = parse_hlo(hlo)
     seconds, threads = op_times(trace_dir, ops)
+    return dict(
+        compile_s=compile_s,
+        step_s=step_s,
+        probe=(probe_before + probe_after) / 2,
+        ops=ops,
+        seconds=seconds,
+        threads=threads,
+    )
+
+
+def report_and_print(
+    args,
+    *,
+    title,
+    text_flops,
+    shape,
+    share_of_epoch,
+    unit,
+    compile_s,
+    step_s,
+    probe,
+    ops,
+    seconds,
+    threads,
+) -> None:
+    """The component table, the utilisation and its matmul-only ceiling, the top ops."""
     steps = len(step_s)
     table: dict[str, dict[str, float]] = collections.defaultdict(lambda: collections.Counter())
     for name, total in seconds.items():
@@ -213,22 +326,19 @@ def main() -> None:
         direction = "bwd" if "transpose(" in info["op_name"] else "fwd"
         table[component_of(info["op_name"])][f"{direction} {kind}"] += total / steps
     op_total = sum(seconds.values()) / steps
-    text_matmul_s = sum(
-        row[k]
-        for component, row in table.items()
-        if component.startswith("text")
-        for k in ("fwd matmul", "bwd matmul")
-    )
-    profiled = batches[2 : 2 + steps]
-    lengths = np.concatenate([batcher.split.tokens.lengths[rows] for rows in profiled])
-    text_flops = (
-        bt.bert_train_flops(lengths, model_config.bert, config.optim.freeze_bert_layers) / steps
+    # Every op of the text tower that holds a matmul, whatever component its name gives it: XLA
+    # fuses a dense layer with what follows it (in eval mode the output projection, the residual
+    # add and the LayerNorm become one op named after the LayerNorm).
+    text_matmul_s = (
+        sum(total for name, total in seconds.items() if ops[name]["matmul"] and _in_text(name, ops))
+        / steps
     )
     wall = statistics.median(step_s)
     report = {
         "config": args.config,
-        "shape": {"text_length": shape[0], "graph_level": shape[1], "text_rows": shape[2]},
-        "share_of_epoch": len(batches) / len(full),
+        "mode": "embed" if args.embed else "train",
+        "shape": shape,
+        "share_of_epoch": share_of_epoch,
         "compile_s": compile_s,
         "step_s": step_s,
         "probe_gflops": probe,
@@ -249,13 +359,10 @@ def main() -> None:
         ],
     }
 
+    print(f"{title}; compile {compile_s:.1f} s")
     print(
-        f"{args.config}: shape L={shape[0]} graph level {shape[1]} rows {shape[2]} "
-        f"({100 * report['share_of_epoch']:.0f} % of an epoch's batches); compile {compile_s:.1f} s"
-    )
-    print(
-        f"step wall {wall:.2f} s (median of {steps}: {', '.join(f'{s:.2f}' for s in step_s)}); "
-        f"op time {op_total:.2f} s per step on {threads} thread(s); probe {probe:.1f} GFLOP/s"
+        f"{unit} wall {wall:.2f} s (median of {steps}: {', '.join(f'{s:.2f}' for s in step_s)}); "
+        f"op time {op_total:.2f} s per {unit} on {threads} thread(s); probe {probe:.1f} GFLOP/s"
     )
     kinds = ("fwd matmul", "fwd other", "bwd matmul", "bwd other")
     print(f"\n{'component':<28}" + "".join(f"{k:>12}" for k in kinds) + f"{'total':>9}{'%':>6}")
@@ -274,7 +381,7 @@ def main() -> None:
         f"text util {report['text_util']:.2f} of the probe; the text tower's matmuls alone "
         f"run its useful FLOPs at {report['text_util_if_only_matmuls']:.2f} of the probe"
     )
-    print(f"\ntop {args.top} ops (s per step, matmul?, JAX source path):")
+    print(f"\ntop {args.top} ops (s per {unit}, matmul?, JAX source path):")
     for op in report["ops"][: args.top]:
         print(
             f"  {op['s_per_step']:7.3f}  {'M' if op['matmul'] else ' '}  {op['op']:<28} "

@@ -47,3 +47,21 @@ def test_components_follow_the_model_paths():
     assert of(base + "embed_text/head/linear/dot_general") == "projector, head, losses"
     assert of("jit(local)/add") == "optimizer, rest of the step"
     assert of("") == "no source path"
+
+
+def test_a_fused_matmul_counts_for_the_text_tower_whatever_its_name():
+    ops = {
+        "fusion.1": {
+            "matmul": True,
+            "op_name": "jit(local)/RetrievalModel.embed_text/txt/layer_2/"
+            "output_layer_norm/reduce_sum",
+        },
+        "fusion.2": {
+            "matmul": True,
+            "op_name": "jit(local)/RetrievalModel.embed_text/projector."
+            "embed_text/projector.project_text/text_norm/reduce_sum",
+        },
+    }
+    assert bench_profile.component_of(ops["fusion.1"]["op_name"]) == "LayerNorm"
+    assert bench_profile._in_text("fusion.1", ops)  # the output dense layer fused into the norm
+    assert not bench_profile._in_text("fusion.2", ops)  # the projector is not the text tower
