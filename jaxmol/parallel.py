@@ -239,7 +239,7 @@ class DataParallel:
 
         if self.multiprocess:
             return _trimmed_after_compiles(self._compiled_together(jitted))
-        return _trimmed_after_compiles(lambda *args: jitted(*args)(*args))
+        return _trimmed_after_compiles(_compiled_then_trimmed(jitted))
 
     def _started_together(self, mapped: Callable) -> Callable:
         """Several processes, pmap: every process waits at a barrier before the first run of
@@ -285,6 +285,35 @@ class DataParallel:
             return executable(*args)
 
         return run
+
+
+def _compiled_then_trimmed(program_for: Callable) -> Callable:
+    """One process: compiles each new input signature ahead of its first run (into jit's own
+    cache, which the run then uses), and hands the malloc arenas' idle memory back between the
+    two (`jaxmol.allocator.return_idle_memory`; nothing when freed memory is kept on purpose).
+
+    Why: the compile's freed working set would otherwise still be resident when the first run
+    allocates its temporaries, so the first step of every new shape peaked higher than the
+    steps after it (paper config, a batch of 24 packed rows in its own process: 5.02 GB with
+    its compile against 4.52 GB for the next steps; docs/performance.md).
+
+    Args:
+      program_for: (*args) -> the jitted program for these arguments.
+    """
+    from jaxmol import allocator
+
+    seen: set = set()
+
+    def run(*args):
+        program = program_for(*args)
+        key = _signature(args)
+        if key not in seen:
+            program.lower(*args).compile()
+            allocator.return_idle_memory()
+            seen.add(key)
+        return program(*args)
+
+    return run
 
 
 def _trimmed_after_compiles(program: Callable) -> Callable:

@@ -160,3 +160,30 @@ def test_idle_arena_memory_goes_back_to_the_kernel_with_the_default_settings():
 def test_idle_memory_is_left_alone_when_freed_memory_is_kept(monkeypatch):
     monkeypatch.setattr(allocator, "_applied", True)
     assert allocator.return_idle_memory() is False
+
+
+def test_one_process_compiles_a_new_shape_once_and_trims_before_its_first_run(monkeypatch):
+    import jax
+
+    from jaxmol import compile_stats
+    from jaxmol.parallel import DataParallel
+
+    monkeypatch.setattr(allocator, "_applied", False)  # glibc's defaults
+    events = []
+    monkeypatch.setattr(allocator, "return_idle_memory", lambda: events.append("trim") or True)
+    runner = DataParallel("shard_map", jax.devices()[:2])
+    clock = compile_stats.install()
+
+    def scaled(x, y):
+        events.append("traced")
+        return (x * y,)
+
+    run = runner.run(scaled, replicated_args=(), out_kinds=("sharded",))
+    before = clock.snapshot()
+    for shape in [(2, 3), (2, 3), (2, 7), (2, 3)]:  # host inputs, host checks: no other programs
+        (out,) = run(np.ones(shape, np.float32), np.full(shape, 3.0, np.float32))
+        np.testing.assert_array_equal(np.asarray(out), np.full(shape, 3.0))
+    # Two signatures: each compiled once (the ahead-of-time compile fills jit's own cache, the
+    # run uses it), the arenas trimmed between each compile and its first run.
+    assert (clock.snapshot() - before).programs == 2
+    assert events == ["traced", "trim", "traced", "trim"]
