@@ -89,8 +89,7 @@ def release_free_memory() -> bool:
     """
     if not _applied:
         return False
-    libc = _libc()
-    return bool(libc is not None and libc.malloc_trim(ctypes.c_size_t(0)))
+    return _malloc_trim()
 
 
 def return_idle_memory() -> bool:
@@ -111,6 +110,11 @@ def return_idle_memory() -> bool:
     """
     if _applied:
         return False
+    return _malloc_trim()
+
+
+def _malloc_trim() -> bool:
+    """glibc `malloc_trim(0)`: every arena's free pages back to the kernel; False off glibc."""
     libc = _libc()
     return bool(libc is not None and libc.malloc_trim(ctypes.c_size_t(0)))
 
