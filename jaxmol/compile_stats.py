@@ -2,9 +2,9 @@
 
 JAX reports, for every program it builds, the seconds spent tracing the function to a jaxpr,
 lowering it to StableHLO and compiling it with XLA (`jax.monitoring` duration events). The
-evaluation and training logs use these totals to split wall time into "compile" and "run": on
-a 2-core CPU a BERT program of one new shape takes seconds to compile, and an evaluation that
-meets many shapes can spend a large share of its time there.
+evaluation log (`evaluation.evaluate_split`) uses these totals to say how much of its wall time
+went into building programs: on a 2-core CPU a BERT program of one new shape takes seconds to
+compile, and an evaluation that meets many shapes could spend a large share of its time there.
 
     clock = compile_stats.install()
     before = clock.snapshot()
@@ -22,7 +22,7 @@ import threading
 
 import jax
 
-# The event names of jax._src.dispatch (stable across the versions this project supports).
+# The event names of jax._src.dispatch (JAX 0.10, the pinned version; tests/test_compile_stats.py).
 TRACE_EVENT = "/jax/core/compile/jaxpr_trace_duration"
 LOWER_EVENT = "/jax/core/compile/jaxpr_to_mlir_module_duration"
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
